@@ -168,19 +168,20 @@ PRESETS = {
         preset="demo",
         model=_smollm2_gguf(),
         dataset="arithmetic",
+        instruction="Write the final answer as \\boxed{N}, for example \\boxed{7}.",  # SmolLM2 boxes ~1/3 of replies
         enable_thinking=False,
         prompts_per_step=4,
         group_size=4,
-        temperature=1.0,
-        max_new_tokens=48,
+        temperature=0.8,
+        max_new_tokens=32,
         max_prompt_len=128,
         micro_batch_size=16,
-        lr=1e-5,
+        lr=2e-5,
         warmup_steps=0,
         format_weight=0.5,
-        steps=12,
-        save_every=6,
-        sample_every=4,
+        steps=10,
+        save_every=5,
+        sample_every=5,
         output_dir="runs/demo",
     ),
 }
@@ -702,8 +703,6 @@ def train(cfg: Config, score_fn=None) -> Path:
     vocab = rvocab.load(resume_from) if resume_from else None
     if vocab is None and cfg.reasoning_vocab_size != 0:
         vocab = rvocab.add_reasoning_vocab(model, tokenizer, cfg.reasoning_vocab_size, offset=cfg.reasoning_offset)
-    if vocab is not None:
-        vocab.offset = cfg.reasoning_offset
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     standard_size = vocab.standard_size if vocab is not None else model.get_input_embeddings().weight.shape[0]
@@ -842,6 +841,8 @@ def train(cfg: Config, score_fn=None) -> Path:
         }
         if vocab is not None and vocab.size > 0:
             m.update(vocab.stats(r.completion_ids, r.completion_mask, adjust.inside(r.completion_ids, r.start_inside)))
+            if cfg.sample_every and m["step"] % cfg.sample_every == 0:
+                m.update(rvocab.embed_drift(model, vocab))
         metrics_file.write(json.dumps(m) + "\n")
         metrics_file.flush()
         print(
