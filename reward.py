@@ -17,28 +17,30 @@ accuracy_reward(completion, answer) is 1.0 when the completion's final answer eq
 
 Bounded work
 ------------
-The reward never raises and never hangs on model output:
+The reward never raises and never hangs on model output; every call returns within a few seconds:
 
 - the last box is searched for only in the final _TAIL_CHARS characters; answers longer than _MAX_ANSWER_CHARS,
   with brackets nested deeper than _MAX_NESTING, or parsing to a sympy tree deeper than _MAX_DEPTH or larger than
-  _MAX_NODES score 0;
-- numbers too large to evaluate (``10^{10^{10}}``, ``(10^{10})!``: big-integer arithmetic runs in C, where no
-  timeout can interrupt it) are rejected by a magnitude bound on the parsed, still unevaluated, expression before
-  any comparison (_too_big);
-- in the main thread math-verify's own timeouts (signal.alarm: _PARSE_TIMEOUT_S per parse, _VERIFY_TIMEOUT_S per
-  comparison) interrupt slow sympy work. The trainer calls the reward in the main thread of each DDP rank
-  (every rank is its own process), so this is the normal path.
-- signal.alarm raises ValueError outside the main thread, so there math-verify's timeouts are switched off and the
-  caps above are the only bound: they rule out the known blow-ups (huge numbers, huge or deeply nested input),
-  but a short expression on which sympy's simplify is slow is not interrupted. Call the reward from the main
-  thread (or from a process pool, whose workers run it in their main thread) when a hard limit matters.
+  _MAX_NODES score 0 (sympy's evaluation is exponential in the depth of some trees);
+- numbers too large to evaluate (``10^{10^{10}}``, ``(10^{10})!``) are rejected by a magnitude bound on the parsed,
+  still unevaluated, expression before any comparison (_too_big): big-integer arithmetic runs in C, which no
+  timeout below can interrupt;
+- in the main thread, math-verify's own timeouts (signal.alarm) stop a parse after _PARSE_TIMEOUT_S and a
+  comparison after _VERIFY_TIMEOUT_S seconds. The trainer calls the reward in the main thread of every DDP rank
+  (each rank is its own process), so this is the normal path;
+- signal.alarm raises ValueError in any other thread, so there math-verify's timeouts are switched off and
+  _with_deadline bounds the whole call to _THREAD_DEADLINE_S instead: a sys.setprofile hook raises math-verify's
+  TimeoutException at the first Python function call past the deadline. The hook costs ~2-3x in speed, on this
+  path only.
 """
 
 import functools
 import logging
 import math
 import re
+import sys
 import threading
+import time
 
 import sympy
 from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
@@ -49,12 +51,13 @@ logger = logging.getLogger(__name__)
 
 _TAIL_CHARS = 100_000  # the final answer sits at the end; don't scan megabytes of text
 _MAX_ANSWER_CHARS = 1_000  # longest MATH/DeepScaleR gold answers are ~160 characters
-_MAX_NESTING = 30  # bracket nesting of the answer text; real answers stay under 10, ANTLR slows down deeper
-_MAX_DEPTH = 60  # sympy tree depth
+_MAX_NESTING = 12  # bracket nesting of the answer text; MATH/DeepScaleR golds nest at most 3 deep
+_MAX_DEPTH = 40  # sympy tree depth
 _MAX_NODES = 5_000
 _MAX_LOG10 = 10_000.0  # reject numbers with more than ~10k digits before sympy evaluates them
-_PARSE_TIMEOUT_S = 3  # signal.alarm takes whole seconds
-_VERIFY_TIMEOUT_S = 3
+_PARSE_TIMEOUT_S = 2  # math-verify's signal.alarm timeouts (main thread only) take whole seconds
+_VERIFY_TIMEOUT_S = 2
+_THREAD_DEADLINE_S = _PARSE_TIMEOUT_S + _VERIFY_TIMEOUT_S  # one budget per call in other threads
 
 # Box start: \boxed or \fbox not followed by a letter (so \boxedfoo is a different command).
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -290,31 +293,59 @@ def _gold_expr(answer: str):
     return expr
 
 
+def _accuracy(completion: str, answer) -> float:
+    gold = _as_text(answer)
+    if not gold:
+        _warn_gold(answer)
+        return 0.0
+    if not isinstance(completion, str):
+        return 0.0
+    pred = extract_boxed(answer_part(completion))
+    if pred is None or len(pred) > _MAX_ANSWER_CHARS or _nesting(pred) > _MAX_NESTING:
+        return 0.0
+    pred_norm = _normalize(pred)
+    if not pred_norm:
+        return 0.0
+    if _key(pred_norm) == _key(_gold_norm(gold)):
+        return 1.0
+    gold_expr = _gold_expr(gold)
+    if gold_expr is None:
+        return 0.0
+    pred_expr = _parse(pred_norm)
+    if pred_expr is None:
+        return 0.0
+    timeout = _VERIFY_TIMEOUT_S if _in_main_thread() else None
+    return 1.0 if verify(gold_expr, pred_expr, timeout_seconds=timeout) else 0.0
+
+
+def _with_deadline(fn, *args):
+    """fn(*args), interrupted _THREAD_DEADLINE_S after the start: the timeout for threads without signal.alarm.
+
+    A profile hook raises math-verify's TimeoutException at the first Python call after the deadline (math-verify
+    and accuracy_reward catch it). Like a signal, it cannot stop C code mid-call: _too_big rules out the big-int
+    arithmetic that could run that long. A profiler already running in this thread is left alone (no deadline).
+    """
+    if sys.getprofile() is not None:
+        return fn(*args)
+    deadline = time.monotonic() + _THREAD_DEADLINE_S
+
+    def check(frame, event, arg):
+        if event == "call" and time.monotonic() > deadline:
+            raise TimeoutException("accuracy_reward ran out of time")  # Python then removes this hook
+
+    sys.setprofile(check)
+    try:
+        return fn(*args)
+    finally:
+        sys.setprofile(None)
+
+
 def accuracy_reward(completion: str, answer: str) -> float:
     """1.0 when the last boxed answer after ``</think>`` equals the gold answer (math-verify), else 0.0."""
     try:
-        gold = _as_text(answer)
-        if not gold:
-            _warn_gold(answer)
-            return 0.0
-        if not isinstance(completion, str):
-            return 0.0
-        pred = extract_boxed(answer_part(completion))
-        if pred is None or len(pred) > _MAX_ANSWER_CHARS or _nesting(pred) > _MAX_NESTING:
-            return 0.0
-        pred_norm = _normalize(pred)
-        if not pred_norm:
-            return 0.0
-        if _key(pred_norm) == _key(_gold_norm(gold)):
-            return 1.0
-        gold_expr = _gold_expr(gold)
-        if gold_expr is None:
-            return 0.0
-        pred_expr = _parse(pred_norm)
-        if pred_expr is None:
-            return 0.0
-        timeout = _VERIFY_TIMEOUT_S if _in_main_thread() else None
-        return 1.0 if verify(gold_expr, pred_expr, timeout_seconds=timeout) else 0.0
+        if _in_main_thread():
+            return _accuracy(completion, answer)
+        return _with_deadline(_accuracy, completion, answer)
     except (Exception, TimeoutException):  # math-verify's TimeoutException is a BaseException
         return 0.0
 

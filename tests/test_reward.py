@@ -176,6 +176,8 @@ def test_wrong_answers_score_zero(pred, gold):
         (r"\boxed{5", "5", 0.0),  # never closed
         (r"\boxed{1, 2, 3, 4, 5}", "5", 0.0),  # listing candidates
         (r"\boxed{5}" + " trailing words" * 10, "5", 1.0),
+        (r"so $\boxed 5$.", "5", 1.0),  # other box forms count as boxes
+        (r"\fbox{5}", "5", 1.0),
     ],
 )
 def test_reward_hacking(completion, gold, expected):
@@ -205,9 +207,10 @@ ADVERSARIAL = [
     ("{" * 1_000_000, "5"),
     ("\\boxed{" + "{" * 500 + "5" + "}" * 500 + "}", "6"),  # 500-deep braces
     ("\\boxed{" + "(" * 500 + "5" + ")" * 500 + "}", "6"),
-    ("\\boxed{" + "(" * 29 + "5" + ")" * 29 + "}", "6"),  # just under the nesting cap: parsed
-    ("\\boxed{" + "2^{" * 28 + "5" + "}" * 28 + "}", "6"),
-    ("\\boxed{" + r"\frac{1}{" * 25 + "2" + "}" * 25 + "}", "6"),
+    ("\\boxed{" + "(" * 12 + "5" + ")" * 12 + "}", "6"),  # at the nesting cap: parsed and compared
+    ("\\boxed{" + "2^{" * 12 + "5" + "}" * 12 + "}", "6"),
+    ("\\boxed{" + r"\frac{1}{" * 12 + "2" + "}" * 12 + "}", "6"),
+    ("\\boxed{" + r"\sin(1+" * 12 + "1" + ")" * 12 + "}", "6"),  # sympy needs minutes: the timeout stops it
     (r"\boxed{\frac{1}{2", "5"),  # unbalanced
     (r"\boxed{5}}}}", "6"),
     (r"\boxed{\frac{}{}}", "5"),  # malformed LaTeX
@@ -238,14 +241,18 @@ def test_adversarial_input_scores_zero_in_bounded_time(completion, gold):
     assert format_reward(completion) in (0.0, 1.0)
 
 
-def test_adversarial_input_off_the_main_thread_scores_zero_in_bounded_time():
-    # math-verify's timeouts are off here: the caps in reward.py are what bounds the work.
-    completions, golds = zip(*ADVERSARIAL, strict=True)
+def timed_reward(completion, gold) -> tuple[float, float]:
     start = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        got = list(pool.map(accuracy_reward, completions, golds))
-    assert got == [0.0] * len(ADVERSARIAL)
-    assert time.perf_counter() - start < TIME_LIMIT_S * 3
+    return accuracy_reward(completion, gold), time.perf_counter() - start
+
+
+def test_adversarial_input_off_the_main_thread_scores_zero_in_bounded_time():
+    # No signal.alarm outside the main thread: reward.py's own deadline bounds the work there.
+    with ThreadPoolExecutor(1) as pool:
+        got = list(pool.map(timed_reward, *zip(*ADVERSARIAL, strict=True)))
+    assert [value for value, _ in got] == [0.0] * len(ADVERSARIAL)
+    slow = [(i, round(seconds, 1)) for i, (_, seconds) in enumerate(got) if seconds >= TIME_LIMIT_S]
+    assert not slow, f"(case, seconds) over {TIME_LIMIT_S} s: {slow}"
 
 
 def test_correct_answer_at_the_end_of_a_megabyte():
