@@ -23,13 +23,16 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch as th
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from torch.utils.checkpoint import checkpoint
@@ -168,7 +171,7 @@ PRESETS = {
         preset="demo",
         model=_smollm2_gguf(),
         dataset="arithmetic",
-        instruction="Write the final answer as \\boxed{N}, for example \\boxed{7}.",  # SmolLM2 boxes ~1/3 of replies
+        instruction="For example, 2 + 3 = \\boxed{5}. Put your final answer in \\boxed{}.",  # SmolLM2 boxes ~1/3
         enable_thinking=False,
         prompts_per_step=4,
         group_size=4,
@@ -179,9 +182,9 @@ PRESETS = {
         lr=2e-5,
         warmup_steps=0,
         format_weight=0.5,
-        steps=10,
-        save_every=5,
-        sample_every=5,
+        steps=12,
+        save_every=6,
+        sample_every=4,
         output_dir="runs/demo",
     ),
 }
@@ -261,18 +264,27 @@ def positions(mask: th.Tensor) -> th.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def sample_tokens(z: th.Tensor, top_p: float, generator: th.Generator | None) -> tuple[th.Tensor, th.Tensor]:
+Generators = th.Generator | list[th.Generator] | None  # one for the batch, or one per row
+
+
+def sample_tokens(z: th.Tensor, top_p: float, generator: Generators) -> tuple[th.Tensor, th.Tensor]:
     """Exact sampling from softmax(z) (B, V) → (tokens (B,), log-probs (B,) under the distribution sampled from).
 
     Exponential race (Gumbel-max): argmax_i z_i − log E_i with E_i ~ Exp(1) i.i.d. picks i with probability
     softmax(z)_i, because −log E_i is standard Gumbel noise. One elementwise pass and one argmax over V instead of a
-    multinomial's cumulative sum and search over 152k entries; −∞ rows can never win."""
+    multinomial's cumulative sum and search over 152k entries; −∞ rows can never win. With one generator per row
+    a row's samples do not depend on which other rows share its batch (or rank)."""
     if top_p < 1.0:  # keep the smallest set of top tokens whose mass reaches top_p, renormalised
         sorted_z, order = z.sort(dim=-1, descending=True)
         mass_before = sorted_z.softmax(-1).cumsum(-1) - sorted_z.softmax(-1)
         sorted_z = sorted_z.masked_fill(mass_before >= top_p, -math.inf)
         z = th.full_like(z, -math.inf).scatter(-1, order, sorted_z)
-    race = th.empty_like(z).exponential_(generator=generator)
+    race = th.empty_like(z)
+    if isinstance(generator, list):
+        for row, g in zip(race, generator, strict=True):
+            row.exponential_(generator=g)
+    else:
+        race.exponential_(generator=generator)
     tokens = (z - race.log()).argmax(-1)
     logp = z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(-1)
     return tokens, logp
@@ -295,13 +307,15 @@ def sample(
     eos_ids: list[int],
     pad_id: int,
     top_p: float = 1.0,
-    generator: th.Generator | None = None,
+    generator: Generators = None,
     stop_check_every: int = 8,
+    should_stop=None,
 ) -> Rollout:
     """Batched sampling with the model's KV cache: one prefill of the left-padded prompts, then one token per step.
 
     Each row stops at its own EOS (an EOS inside a prompt does not count) or at max_new_tokens. The host reads the
-    done flags only every `stop_check_every` steps."""
+    done flags only every `stop_check_every` steps; `should_stop()` (e.g. a preemption signal) is polled then too and
+    ends the rollout early (the caller discards it)."""
     device = next(model.parameters()).device
     body = model.base_model
     prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, pad_id))
@@ -328,7 +342,9 @@ def sample(
         done = done | th.isin(tok, eos)
         if vocab is not None:
             inside = vocab.step_state(inside, tok)
-        if t == max_new_tokens - 1 or ((t + 1) % stop_check_every == 0 and bool(done.all())):
+        if t == max_new_tokens - 1:
+            break
+        if (t + 1) % stop_check_every == 0 and (bool(done.all()) or (should_stop is not None and should_stop())):
             break
         mask = th.cat([mask, th.ones_like(mask[:, :1])], dim=1)
         out = body(
@@ -523,17 +539,17 @@ def update(
     ref_logp: th.Tensor | None,
     cfg: Config,
     autocast: bool = False,
-    global_counts: tuple[float, float] | None = None,
 ) -> dict[str, float]:
-    """One optimizer step: gradients accumulated over micro-batches, normalised by the step's token/sequence counts.
+    """One optimizer step: gradients accumulated over micro-batches (and summed over ranks), with the loss normalised
+    by the token and sequence counts of the whole step on all ranks, so the update equals one process's on the
+    global batch.
 
     old_logp None means one update per rollout: π_old is the detached current policy (ρ = 1 in value)."""
     device = r.completion_ids.device
-    num_tokens, num_sequences = global_counts or (float(loss_mask.sum()), float(loss_mask.shape[0]))
-    num_tokens = max(num_tokens, 1.0)
+    num_tokens, num_sequences = all_reduce_sum(th.tensor([loss_mask.sum(), loss_mask.shape[0]], device=device))
+    num_tokens, num_sequences = max(float(num_tokens), 1.0), float(num_sequences)
     optimizer.zero_grad(set_to_none=True)
-    totals: dict[str, float] = {}
-    loss_sum = 0.0
+    totals = th.zeros(5, device=device)  # loss, clip_frac_low, clip_frac_high, ratio, kl (token-weighted sums)
     for rows in micro_batches(r.completion_ids.shape[0], cfg.micro_batch_size):
         p, pm, c, cm, T = trim(r, rows)
         start = r.start_inside[rows] if r.start_inside is not None else None
@@ -555,18 +571,72 @@ def update(
             num_sequences=num_sequences,
             max_len=cfg.max_new_tokens,
         )
-        loss.backward()
-        loss_sum += loss.item()
-        weight = float(loss_mask[rows].sum()) / num_tokens  # token-weighted stats over the step
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + v * weight
-    grad_norm = float(th.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-    skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
+        if loss.requires_grad:  # False only when the micro-batch has no completion token at all
+            loss.backward()
+        weight = float(loss_mask[rows].sum()) / num_tokens
+        totals += th.tensor([loss.item(), *(stats[k] * weight for k in STAT_KEYS)], device=device)
+    params = [q for q in model.parameters() if q.requires_grad]
+    all_reduce_grads(params)
+    totals = all_reduce_sum(totals)
+    grad_norm = float(th.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    skipped = not math.isfinite(grad_norm)  # the same on every rank: the gradients are already summed
     if skipped:  # a NaN/inf never reaches the weights
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
-    return {"loss": loss_sum, "grad_norm": grad_norm, "skipped": float(skipped), **totals}
+    return {"loss": float(totals[0]), "grad_norm": grad_norm, "skipped": float(skipped),
+            **{k: float(v) for k, v in zip(STAT_KEYS, totals[1:], strict=True)}}  # fmt: skip
+
+
+STAT_KEYS = ("clip_frac_low", "clip_frac_high", "ratio", "kl")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data parallelism (torchrun): every rank samples its own prompts; gradients and counts are summed over ranks
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(t: th.Tensor) -> th.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_cat(t: th.Tensor) -> th.Tensor:
+    """Concatenate equally shaped tensors from every rank along dim 0 (rank order)."""
+    if world()[1] == 1:
+        return t
+    parts = [th.empty_like(t) for _ in range(world()[1])]
+    dist.all_gather(parts, t.contiguous())
+    return th.cat(parts)
+
+
+def all_reduce_grads(params: list[th.Tensor], bucket: int = 2**26) -> None:
+    """Sum gradients over ranks in flat buckets. Each rank's loss is already divided by the global counts, so the
+    sum is exactly one process's gradient on the global batch. (Done by hand rather than by DDP's hooks: the
+    memory-flat log-probs call the decoder body and the output layer separately, outside a wrapped forward.)"""
+    if world()[1] == 1:
+        return
+    for q in params:
+        if q.grad is None:
+            q.grad = th.zeros_like(q)
+    i = 0
+    while i < len(params):
+        group, size = [], 0
+        while i < len(params) and (not group or size + params[i].numel() <= bucket):
+            group.append(params[i])
+            size += params[i].numel()
+            i += 1
+        flat = th.cat([q.grad.flatten() for q in group])
+        dist.all_reduce(flat)
+        for q, g in zip(group, flat.split([q.numel() for q in group]), strict=True):
+            q.grad.copy_(g.view_as(q))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -683,19 +753,64 @@ def pick_device(name: str) -> th.device:
     return th.device(name)
 
 
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # SLURM's warning signal before a time limit, and preemption
+_preempted = threading.Event()
+
+
+def _on_preempt(signum, frame):
+    _preempted.set()
+
+
+def preempted() -> bool:
+    """Whether any rank has received a preemption signal. A collective: every rank calls it at the same points."""
+    flag = th.tensor([float(_preempted.is_set())], device=_device)
+    return bool(all_reduce_sum(flag) > 0)
+
+
+_device = th.device("cpu")  # the collective's device (CUDA under NCCL), set by setup_distributed
+
+
+def setup_distributed(cfg: Config) -> th.device:
+    """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU); pick the device."""
+    global _device
+    device = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = th.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            th.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _device = device
+    return device
+
+
+def sample_seed(seed: int, step: int, index: int, j: int) -> int:
+    """Seed of the j-th sample of dataset row `index` at `step`: the same whichever rank or batch samples it, so
+    runs with any number of ranks, and resumed runs, sample the same completions."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + index) * 1_009 + j
+
+
 def train(cfg: Config, score_fn=None) -> Path:
-    """Run GRPO as configured; returns the output directory (metrics.jsonl, config.json, checkpoints/).
+    """Run GRPO as configured; returns the output directory (metrics.jsonl, samples.jsonl, config.json,
+    checkpoints/). Under torchrun each rank samples its own share of the prompts; rank 0 alone writes.
 
     score_fn(completions, answers) → (rewards, accuracies) replaces the math verifier (default: reward.score)."""
     if cfg.prompts_per_step < 1 or cfg.group_size < 1:
         raise ValueError("prompts_per_step and group_size must be ≥ 1")
-    device = pick_device(cfg.device)
+    device = setup_distributed(cfg)
+    rank, world_size = world()
+    main_rank = rank == 0
     autocast = device.type == "cuda" and cfg.bf16
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    print(f"[grpo] outputs → {output_dir.resolve()}  (device {device})", flush=True)
+    if main_rank:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        print(f"[grpo] outputs → {output_dir.resolve()}  (device {device}, {world_size} rank(s))", flush=True)
+    if threading.current_thread() is threading.main_thread():
+        _preempted.clear()
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, _on_preempt)
 
+    # Model (from the latest checkpoint when resuming), reasoning vocabulary, the policy's logit rule, reference.
     random.seed(cfg.seed)
     th.manual_seed(cfg.seed)
     resume_from = find_resume(cfg, output_dir)
@@ -705,11 +820,11 @@ def train(cfg: Config, score_fn=None) -> Path:
         vocab = rvocab.add_reasoning_vocab(model, tokenizer, cfg.reasoning_vocab_size, offset=cfg.reasoning_offset)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    standard_size = vocab.standard_size if vocab is not None else model.get_input_embeddings().weight.shape[0]
     rows = model.get_input_embeddings().weight.shape[0]
+    standard_size = vocab.standard_size if vocab is not None else rows
     adjust = LogitAdjust(cfg.temperature, padding_bias(rows, len(tokenizer), standard_size).to(device), vocab)
     ref_model = None
-    if cfg.beta != 0:  # frozen, same vocabulary as the policy (copied after the expansion)
+    if cfg.beta != 0:  # frozen, with the policy's (expanded) vocabulary
         ref_model = AutoModelForCausalLM.from_config(model.config).to(device)
         ref_model.load_state_dict(model.state_dict())
         ref_model.requires_grad_(False).eval()
@@ -738,29 +853,39 @@ def train(cfg: Config, score_fn=None) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         random.setstate(state["rng"]["python"])
         th.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and th.cuda.is_available():
-            th.cuda.set_rng_state_all(state["rng"]["cuda"])
         start_step = state["step"]
-        print(f"[grpo] resumed from {resume_from} at step {start_step}", flush=True)
-    elif cfg.save_every > 0:
-        save_checkpoint(output_dir, 0, model, tokenizer, vocab, optimizer, scheduler, cfg)
+        if main_rank:
+            print(f"[grpo] resumed from {resume_from} at step {start_step}", flush=True)
+            truncate_metrics(output_dir, start_step)
 
+    def checkpoint_now(step: int) -> None:
+        if main_rank:
+            save_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, scheduler, cfg)
+        if world_size > 1:
+            dist.barrier()
+
+    if resume_from is None and cfg.save_every > 0:
+        checkpoint_now(0)
     run = None
-    if cfg.wandb != "disabled":
+    if main_rank and cfg.wandb != "disabled":
         import wandb
 
         run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg), dir=output_dir)
-    metrics_file = (output_dir / "metrics.jsonl").open("a")
 
-    for step in range(start_step, cfg.steps):
+    step = start_step
+    while step < cfg.steps:
         t0 = time.perf_counter()
-        batch = data.prompt_batch(examples, step, cfg.prompts_per_step, seed=cfg.seed)
+        batch = data.prompt_batch(examples, step, cfg.prompts_per_step, seed=cfg.seed, rank=rank, world_size=world_size)
         prompts = [ex.prompt_ids for ex in batch for _ in range(cfg.group_size)]
         answers = [ex.answer for ex in batch for _ in range(cfg.group_size)]
+        generators = [
+            th.Generator(device=device).manual_seed(sample_seed(cfg.seed, step, ex.index, j))
+            for ex in batch
+            for j in range(cfg.group_size)
+        ]
 
-        # 1. Rollout: G samples per prompt from the current policy, seeded by step so a resumed run samples the same.
+        # 1. Rollout: G samples per prompt from the current policy (the unwrapped model, no gradient sync).
         model.eval()
-        gen = th.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
         chunk = cfg.rollout_batch_size or len(prompts)
         with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
             parts = [
@@ -772,10 +897,13 @@ def train(cfg: Config, score_fn=None) -> Path:
                     eos_ids=eos_ids,
                     pad_id=tokenizer.pad_token_id,
                     top_p=cfg.top_p,
-                    generator=gen,
-                )
+                    generator=generators[s : s + chunk],
+                    should_stop=_preempted.is_set,
+                )  # fmt: skip
                 for s in range(0, len(prompts), chunk)
             ]
+        if preempted():  # abandon this step: the weights are still those of the last completed one
+            break
         r = concat_rollouts(parts, tokenizer.pad_token_id)
         texts = [
             decode(tokenizer, vocab, ids[m.bool()].tolist())
@@ -783,7 +911,7 @@ def train(cfg: Config, score_fn=None) -> Path:
         ]
         t_rollout = time.perf_counter() - t0
 
-        # 2. Rewards and group-relative advantages.
+        # 2. Rewards and group-relative advantages (a prompt's whole group is on this rank).
         if score_fn is None:
             rewards, accuracy = reward.score(texts, answers, format_weight=cfg.format_weight)
         else:
@@ -794,82 +922,128 @@ def train(cfg: Config, score_fn=None) -> Path:
         if cfg.drop_truncated:
             loss_mask[r.truncated] = 0
 
-        # 3. Policy update(s).
+        # 3. Policy update(s): μ = num_iterations steps on this rollout against fixed old/reference log-probs.
         t1 = time.perf_counter()
         model.train()
-        old_logp = (
-            batched_logprobs(model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk)
-            if cfg.num_iterations > 1
-            else None
-        )
-        ref_logp = (
-            batched_logprobs(ref_model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk) if ref_model else None
-        )
+        old_logp = ref_logp = None
+        if cfg.num_iterations > 1:
+            old_logp = batched_logprobs(model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk)
+        if ref_model is not None:
+            ref_logp = batched_logprobs(ref_model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk)
         for _ in range(cfg.num_iterations):
             stats = update(model, optimizer, r, advantages, adjust, loss_mask=loss_mask, old_logp=old_logp,
                            ref_logp=ref_logp, cfg=cfg, autocast=autocast)  # fmt: skip
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
+        step += 1
         t_update = time.perf_counter() - t1
 
-        # 4. Log.
-        lengths = r.completion_mask.sum(-1).float()
-        grouped = rewards_t.view(-1, cfg.group_size)
-        n_tok = float(lengths.sum())
-        m = {
-            "step": step + 1,
-            "reward": float(rewards_t.mean()),
-            "reward_std": float(rewards_t.std()) if rewards_t.numel() > 1 else 0.0,
-            "accuracy": sum(accuracy) / len(accuracy),
-            "frac_reward_zero_std": float((grouped.max(-1).values == grouped.min(-1).values).float().mean()),
-            "loss": stats["loss"],
-            "kl": stats["kl"],
-            "clip_frac": stats["clip_frac_low"] + stats["clip_frac_high"],
-            "clip_frac_low": stats["clip_frac_low"],
-            "clip_frac_high": stats["clip_frac_high"],
-            "ratio": stats["ratio"],
-            "completion_len": float(lengths.mean()),
-            "completion_len_max": float(lengths.max()),
-            "truncated_frac": float(r.truncated.float().mean()),
-            "entropy": float((r.entropy * r.completion_mask).sum() / max(n_tok, 1)),
-            "grad_norm": stats["grad_norm"],
-            "skipped_update": stats["skipped"],
-            "lr": lr,
-            "rollout_s": t_rollout,
-            "update_s": t_update,
-            "tokens_per_s": n_tok / (time.perf_counter() - t0),
-        }
-        if vocab is not None and vocab.size > 0:
-            m.update(vocab.stats(r.completion_ids, r.completion_mask, adjust.inside(r.completion_ids, r.start_inside)))
-            if cfg.sample_every and m["step"] % cfg.sample_every == 0:
-                m.update(rvocab.embed_drift(model, vocab))
-        metrics_file.write(json.dumps(m) + "\n")
-        metrics_file.flush()
-        print(
-            f"step {m['step']:>4}/{cfg.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
-            f"len {m['completion_len']:.0f} | kl {m['kl']:.4f} | ent {m['entropy']:.2f} | "
-            f"{t_rollout:.1f}s+{t_update:.1f}s" + (" | SKIPPED non-finite update" if stats["skipped"] else ""),
-            flush=True,
+        # 4. Log (global figures, gathered from every rank) and checkpoint.
+        m = step_metrics(step, r, rewards_t, accuracy, stats, cfg.group_size, device)
+        m.update(
+            lr=lr, rollout_s=t_rollout, update_s=t_update, tokens_per_s=m.pop("_tokens") / (time.perf_counter() - t0)
         )
-        if run is not None:
-            run.log(m, step=m["step"])
-            if cfg.sample_every and m["step"] % cfg.sample_every == 0:
-                import wandb
+        if vocab is not None and vocab.size > 0:
+            local = vocab.stats(r.completion_ids, r.completion_mask, adjust.inside(r.completion_ids, r.start_inside))
+            summed = all_reduce_sum(
+                th.tensor([local["reasoning_frac"], local["reasoning_outside"], local["think_len"]], device=device)
+            )
+            m.update(reasoning_frac=float(summed[0]) / world_size, reasoning_outside=float(summed[1]),
+                     think_len=float(summed[2]) / world_size)  # fmt: skip
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                m.update(rvocab.embed_drift(model, vocab))
+        if main_rank:
+            log_step(output_dir, m, cfg, run)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                shown = range(0, min(len(texts), 4 * cfg.group_size), cfg.group_size)  # one sample of 4 groups
+                samples = [
+                    {"step": step, "problem": batch[i // cfg.group_size].problem, "answer": answers[i],
+                     "reward": rewards[i], "completion": decode(tokenizer, vocab, r.completion_ids[i][r.completion_mask[i].bool()].tolist(), mark=True)}
+                    for i in shown
+                ]  # fmt: skip
+                log_samples(output_dir, samples, run)
+        if step == cfg.steps or (cfg.save_every > 0 and step % cfg.save_every == 0):
+            checkpoint_now(step)
+        elif preempted():
+            break
 
-                rows_ = [
-                    [batch[i // cfg.group_size].problem, texts[i], answers[i], rewards[i]]
-                    for i in range(min(4, len(texts)))
-                ]
-                run.log({"samples": wandb.Table(columns=["problem", "completion", "answer", "reward"], data=rows_)}, step=m["step"])  # fmt: skip
-
-        final = step + 1 == cfg.steps
-        if final or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(output_dir, step + 1, model, tokenizer, vocab, optimizer, scheduler, cfg)
-
-    metrics_file.close()
+    if step < cfg.steps:  # preempted: keep what is done, exit cleanly so the requeued job resumes here
+        last = checkpoint_dirs(output_dir)
+        if not last or step_of(last[-1]) != step:
+            checkpoint_now(step)
+        if main_rank:
+            print(f"[grpo] preempted after step {step}: checkpoint written; rerun to resume", flush=True)
     if run is not None:
         run.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
     return output_dir
+
+
+def step_metrics(step: int, r: Rollout, rewards: th.Tensor, accuracy: list[float], stats: dict, group_size: int,
+                 device: th.device) -> dict:  # fmt: skip
+    """The step's metrics over the global batch (every rank's rollouts)."""
+    lengths = all_gather_cat(r.completion_mask.sum(-1).float())
+    rewards = all_gather_cat(rewards)
+    accuracy_t = all_gather_cat(th.tensor(accuracy, dtype=th.float32, device=device))
+    truncated = all_gather_cat(r.truncated.float())
+    entropy_sum = all_reduce_sum((r.entropy * r.completion_mask).sum().reshape(1).float())
+    grouped = rewards.view(-1, group_size)
+    return {
+        "step": step,
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "accuracy": float(accuracy_t.mean()),
+        "frac_reward_zero_std": float((grouped.max(-1).values == grouped.min(-1).values).float().mean()),
+        "loss": stats["loss"],
+        "kl": stats["kl"],
+        "clip_frac": stats["clip_frac_low"] + stats["clip_frac_high"],
+        "clip_frac_low": stats["clip_frac_low"],
+        "clip_frac_high": stats["clip_frac_high"],
+        "ratio": stats["ratio"],
+        "completion_len": float(lengths.mean()),
+        "completion_len_max": float(lengths.max()),
+        "truncated_frac": float(truncated.mean()),
+        "entropy": float(entropy_sum / lengths.sum().clamp(min=1)),
+        "grad_norm": stats["grad_norm"],
+        "skipped_update": stats["skipped"],
+        "_tokens": float(lengths.sum()),
+    }
+
+
+def log_step(output_dir: Path, m: dict, cfg: Config, run) -> None:
+    with (output_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(m) + "\n")
+    print(
+        f"step {m['step']:>4}/{cfg.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
+        f"len {m['completion_len']:.0f} | kl {m['kl']:.4f} | ent {m['entropy']:.2f} | "
+        f"{m['rollout_s']:.1f}s+{m['update_s']:.1f}s" + (" | SKIPPED non-finite update" if m["skipped_update"] else ""),
+        flush=True,
+    )
+    if run is not None:
+        run.log(m, step=m["step"])
+
+
+def log_samples(output_dir: Path, samples: list[dict], run) -> None:
+    with (output_dir / "samples.jsonl").open("a") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    print(f"  sample (reward {samples[0]['reward']:.2f}): {samples[0]['completion'][:200]!r}", flush=True)
+    if run is not None:
+        import wandb
+
+        cols = ["step", "problem", "answer", "reward", "completion"]
+        run.log({"samples": wandb.Table(columns=cols, data=[[s[c] for c in cols] for s in samples])}, step=samples[0]["step"])  # fmt: skip
+
+
+def truncate_metrics(output_dir: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint we resume from (written after it, before a crash), atomically."""
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = [s for s in path.read_text().splitlines() if s.strip() and json.loads(s)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(s + "\n" for s in lines))
+    os.replace(tmp, path)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -896,11 +1070,11 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     )
 
 
-def decode(tokenizer, vocab, ids: list[int]) -> str:
-    """Completion text as the reward sees it: reasoning ids mapped to their standard tokens."""
+def decode(tokenizer, vocab, ids: list[int], mark: bool = False) -> str:
+    """Completion text as the reward sees it: reasoning ids mapped to their standard tokens (⟦marked⟧ for logs)."""
     if vocab is not None and vocab.size > 0:
-        return vocab.decode(ids, tokenizer)
-    return tokenizer.decode(ids, skip_special_tokens=False)
+        return vocab.decode(ids, tokenizer, mark=mark)
+    return tokenizer.decode(ids)
 
 
 def main(argv: list[str] | None = None) -> Config:

@@ -1,0 +1,60 @@
+"""Data parallelism: `torchrun --nproc_per_node 2` makes the same update as one process on the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch as th
+
+import grpo
+from tests.test_grpo import tiny_model_dir, weights_of  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs the trainer with a toy reward (the letter "e" in the completion) so that every step has a learning signal.
+SCRIPT = """
+import json, sys
+from dataclasses import replace
+import grpo
+
+def letter_e(completions, answers):
+    hits = [float("e" in c) for c in completions]
+    return hits, hits
+
+grpo.train(replace(grpo.Config(), **json.loads(sys.argv[1])), score_fn=letter_e)
+"""
+
+
+def run(args: list[str], cfg: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    script = tmp_path / "train_toy.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*args, str(script), json.dumps(cfg)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
+    cfg = dict(model=str(tiny_model_dir), dataset="arithmetic", prompts_per_step=4, group_size=3, max_new_tokens=8,
+               max_prompt_len=256, micro_batch_size=4, rollout_batch_size=0, temperature=1.0, lr=1e-3, warmup_steps=0,
+               steps=2, save_every=0, device="cpu")  # fmt: skip
+    single = run([sys.executable], {**cfg, "output_dir": str(tmp_path / "one")}, tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    ddp = run(torchrun, {**cfg, "output_dir": str(tmp_path / "two")}, tmp_path)
+    assert "2 rank(s)" in ddp.stdout
+
+    w1 = weights_of(grpo.checkpoint_dirs(tmp_path / "one")[-1])
+    w2 = weights_of(grpo.checkpoint_dirs(tmp_path / "two")[-1])
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-6
+    m1 = [json.loads(s) for s in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in m2] == [1, 2]  # rank 0 alone writes
+    for a, b in zip(m1, m2, strict=True):  # the same samples, rewards and loss on the global batch
+        for k in ("reward", "reward_std", "completion_len", "loss", "entropy", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    assert any(m["reward_std"] > 0 for m in m1)  # the step had a learning signal
+    w0 = grpo.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))[0].state_dict()
+    assert any(not th.equal(w0[k], w1[k]) for k in w1)
