@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -297,6 +298,15 @@ def entropy_of(z: th.Tensor) -> th.Tensor:
     return (lse.squeeze(-1) - (p * z.masked_fill(z.isinf(), 0.0)).sum(-1)).float()
 
 
+def cache_keyword(body) -> str:
+    """The KV-cache argument's name: transformers renamed `past_key_values` to `cache` during 5.x; support both."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def kv_cache(out):
+    return out.cache if "cache" in out else out.past_key_values
+
+
 @th.no_grad()
 def sample(
     model,
@@ -318,6 +328,7 @@ def sample(
     ends the rollout early (the caller discards it)."""
     device = next(model.parameters()).device
     body = model.base_model
+    cache_kw = cache_keyword(body)
     prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, pad_id))
     ids, mask = prompt_ids, prompt_mask
     B = ids.shape[0]
@@ -327,7 +338,7 @@ def sample(
     inside = start_inside
 
     out = body(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
-    cache, hidden = out.cache, out.last_hidden_state[:, -1]  # (B, H)
+    cache, hidden = kv_cache(out), out.last_hidden_state[:, -1]  # (B, H)
     next_pos = mask.sum(-1)  # (B,)
     done = th.zeros(B, dtype=th.bool, device=device)
     tokens, logps, ents, alive = [], [], [], []
@@ -348,9 +359,13 @@ def sample(
             break
         mask = th.cat([mask, th.ones_like(mask[:, :1])], dim=1)
         out = body(
-            input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache, use_cache=True
+            input_ids=tok[:, None],
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **{cache_kw: cache},
         )
-        cache, hidden = out.cache, out.last_hidden_state[:, -1]
+        cache, hidden = kv_cache(out), out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
 
     completion_mask = th.stack(alive, 1).long()  # (B, T): alive before the token ⇒ the token (EOS included) counts
