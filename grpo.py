@@ -768,6 +768,7 @@ def pick_device(name: str) -> th.device:
     return th.device(name)
 
 
+THINK = "<think>"
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # SLURM's warning signal before a time limit, and preemption
 _preempted = threading.Event()
 
@@ -844,6 +845,7 @@ def train(cfg: Config, score_fn=None) -> Path:
         ref_model.load_state_dict(model.state_dict())
         ref_model.requires_grad_(False).eval()
     eos_ids = eos_token_ids(model, tokenizer)
+    tags = rvocab.think_tag_ids(tokenizer)  # (<think>, </think>) ids, or None
 
     examples = data.load_examples(
         cfg.dataset,
@@ -893,6 +895,7 @@ def train(cfg: Config, score_fn=None) -> Path:
         batch = data.prompt_batch(examples, step, cfg.prompts_per_step, seed=cfg.seed, rank=rank, world_size=world_size)
         prompts = [ex.prompt_ids for ex in batch for _ in range(cfg.group_size)]
         answers = [ex.answer for ex in batch for _ in range(cfg.group_size)]
+        opens_think = [tags is not None and rvocab.opens_think(p, *tags) for p in prompts]
         generators = [
             th.Generator(device=device).manual_seed(sample_seed(cfg.seed, step, ex.index, j))
             for ex in batch
@@ -924,13 +927,16 @@ def train(cfg: Config, score_fn=None) -> Path:
             decode(tokenizer, vocab, ids[m.bool()].tolist())
             for ids, m in zip(r.completion_ids.cpu(), r.completion_mask.cpu(), strict=True)
         ]
+        # A prompt that opens the think block (Qwen3's thinking template) makes the completion start inside it: the
+        # reward must see that opening tag, or a box inside an unclosed think block would count as the answer.
+        scored = [THINK + t if opens else t for t, opens in zip(texts, opens_think, strict=True)]
         t_rollout = time.perf_counter() - t0
 
         # 2. Rewards and group-relative advantages (a prompt's whole group is on this rank).
         if score_fn is None:
-            rewards, accuracy = reward.score(texts, answers, format_weight=cfg.format_weight)
+            rewards, accuracy = reward.score(scored, answers, format_weight=cfg.format_weight)
         else:
-            rewards, accuracy = score_fn(texts, answers)
+            rewards, accuracy = score_fn(scored, answers)
         rewards_t = th.tensor(rewards, dtype=th.float32, device=device)
         advantages = group_advantages(rewards_t, cfg.group_size, cfg.adv_scale)
         loss_mask = r.completion_mask.clone()

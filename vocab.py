@@ -149,15 +149,7 @@ class ReasoningVocab:
 
     def prompt_inside(self, prompt_ids: list[list[int]]) -> th.Tensor:
         """(B,) bool on CPU: True where the last think tag in a prompt is `<think>` (generation starts inside)."""
-        inside = []
-        for ids in prompt_ids:
-            state = False
-            for tok in reversed(ids):
-                if tok == self.think_id or tok == self.end_think_id:
-                    state = tok == self.think_id
-                    break
-            inside.append(state)
-        return th.tensor(inside, dtype=th.bool)
+        return th.tensor([opens_think(ids, self.think_id, self.end_think_id) for ids in prompt_ids], dtype=th.bool)
 
     def _source_on(self, device) -> th.Tensor:
         key = ("source", th.device(device))
@@ -264,6 +256,14 @@ def _runs(ids: th.Tensor) -> list[list[int]]:
     at = th.nonzero(starts).flatten()
     counts = th.diff(th.cat([at, th.tensor([len(ids)])]))
     return [[int(f), int(c)] for f, c in zip(ids[at].tolist(), counts.tolist(), strict=True)]
+
+
+def opens_think(ids: list[int], think_id: int, end_think_id: int) -> bool:
+    """Whether the last think tag in `ids` is `<think>`, i.e. what follows is inside a think block."""
+    for tok in reversed(ids):
+        if tok == think_id or tok == end_think_id:
+            return tok == think_id
+    return False
 
 
 def think_tag_ids(tokenizer) -> tuple[int, int] | None:

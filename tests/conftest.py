@@ -124,3 +124,43 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+# Tiny random models for the trainer's tests.
+
+
+def tiny_model(vocab_size: int = 64, seed: int = 0, tie: bool = True):
+    """A random 2-layer Qwen3 (hidden 32), fp32, in eval mode."""
+    import torch as th
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    th.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        tie_word_embeddings=tie,
+    )
+    return Qwen3ForCausalLM(config).float().eval()
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """A saved tiny model + tokenizer, with 4 embedding rows beyond the tokenizer as Qwen pads them."""
+    path = tmp_path / "model"
+    model = tiny_model(len(tiny_tokenizer) + 4, seed=1)  # padded beyond the tokenizer, like Qwen
+    model.generation_config.eos_token_id = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def weights_of(ckpt: Path) -> dict:
+    """A checkpoint's tensors by name."""
+    from safetensors.torch import load_file
+
+    return load_file(ckpt / "model.safetensors")

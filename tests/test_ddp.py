@@ -9,7 +9,7 @@ from pathlib import Path
 import torch as th
 
 import grpo
-from tests.test_grpo import tiny_model_dir, weights_of  # noqa: F401 (fixture)
+from tests.conftest import weights_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
     cfg = dict(model=str(tiny_model_dir), dataset="arithmetic", prompts_per_step=4, group_size=3, max_new_tokens=8,
                max_prompt_len=256, micro_batch_size=4, rollout_batch_size=0, temperature=1.0, lr=1e-3, warmup_steps=0,
                steps=2, save_every=0, device="cpu")  # fmt: skip
-    single = run([sys.executable], {**cfg, "output_dir": str(tmp_path / "one")}, tmp_path)
+    run([sys.executable], {**cfg, "output_dir": str(tmp_path / "one")}, tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     ddp = run(torchrun, {**cfg, "output_dir": str(tmp_path / "two")}, tmp_path)
     assert "2 rank(s)" in ddp.stdout

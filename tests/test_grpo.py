@@ -9,27 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch as th
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import grpo
 from grpo import Config, LogitAdjust, group_advantages, policy_loss
+from tests.conftest import tiny_model, weights_of
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(vocab_size: int = 64, seed: int = 0, tie: bool = True) -> Qwen3ForCausalLM:
-    th.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        tie_word_embeddings=tie,
-    )
-    return Qwen3ForCausalLM(config).float().eval()
 
 
 def plain_adjust(vocab_size: int, temperature: float = 1.0, num_tokens: int | None = None) -> LogitAdjust:
@@ -109,13 +94,29 @@ def test_policy_loss_token_mean_clipping_both_sides():
 def test_policy_loss_low_side_clip_for_negative_advantage():
     logp = th.log(th.tensor([[0.5]]))
     loss, stats = policy_loss(
-        logp, th.zeros(1, 1), None, th.tensor([-1.0]), th.ones(1, 1), eps_low=0.2, eps_high=0.2, beta=0, loss_type="token"
+        logp,
+        th.zeros(1, 1),
+        None,
+        th.tensor([-1.0]),
+        th.ones(1, 1),
+        eps_low=0.2,
+        eps_high=0.2,
+        beta=0,
+        loss_type="token",
     )
     assert loss.item() == pytest.approx(0.8)  # −min(−0.5, −0.8) = 0.8: clipped, no gradient
     assert stats["clip_frac_low"] == 1.0
     logp.requires_grad_(True)
     loss, _ = policy_loss(
-        logp, th.zeros(1, 1), None, th.tensor([-1.0]), th.ones(1, 1), eps_low=0.2, eps_high=0.2, beta=0, loss_type="token"
+        logp,
+        th.zeros(1, 1),
+        None,
+        th.tensor([-1.0]),
+        th.ones(1, 1),
+        eps_low=0.2,
+        eps_high=0.2,
+        beta=0,
+        loss_type="token",
     )
     loss.backward()
     assert logp.grad.abs().sum() == 0
@@ -218,7 +219,7 @@ def test_sampler_stops_rows_independently_and_masks_up_to_eos():
         assert m[:n].all() and not m[n:].any()  # contiguous
         if not trunc:
             assert ids[n - 1] == 1  # the EOS itself is inside the mask
-            assert (ids[:n - 1] != 1).all()
+            assert (ids[: n - 1] != 1).all()
             assert (ids[n:] == 0).all()  # padded after
         else:
             assert n == 30
@@ -230,7 +231,13 @@ def test_eos_inside_prompt_does_not_stop_row():
     adjust = plain_adjust(16)
     adjust.bias[1] = -math.inf  # the model can never emit EOS itself
     r = grpo.sample(
-        model, [[1, 4, 1], [4, 5]], adjust, max_new_tokens=5, eos_ids=[1], pad_id=1, generator=th.Generator().manual_seed(0)
+        model,
+        [[1, 4, 1], [4, 5]],
+        adjust,
+        max_new_tokens=5,
+        eos_ids=[1],
+        pad_id=1,
+        generator=th.Generator().manual_seed(0),
     )
     assert r.completion_mask.sum(-1).tolist() == [5, 5]
     assert r.truncated.all()
@@ -253,7 +260,9 @@ def test_same_seed_same_samples():
 
 def _rollout(model, adjust, n=8):
     prompts = [[5 + i % 4, 6, 7 + i % 3][: 1 + i % 3] for i in range(n)]
-    r = grpo.sample(model, prompts, adjust, max_new_tokens=9, eos_ids=[1], pad_id=0, generator=th.Generator().manual_seed(0))
+    r = grpo.sample(
+        model, prompts, adjust, max_new_tokens=9, eos_ids=[1], pad_id=0, generator=th.Generator().manual_seed(0)
+    )
     return r
 
 
@@ -283,7 +292,9 @@ def test_non_finite_loss_skips_the_update():
     before = [p.detach().clone() for p in model.parameters()]
     opt = th.optim.AdamW(model.parameters(), lr=0.1)
     adv = th.full((8,), math.nan)
-    stats = grpo.update(model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None, cfg=tiny_cfg())
+    stats = grpo.update(
+        model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None, cfg=tiny_cfg()
+    )
     assert stats["skipped"] == 1.0
     assert all(th.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
@@ -321,16 +332,6 @@ def test_random_tiny_model_learns_a_toy_reward():
 # End to end: train(), checkpoints, resume
 
 
-@pytest.fixture()
-def tiny_model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "model"
-    model = tiny_model(len(tiny_tokenizer) + 4, seed=1)  # padded beyond the tokenizer, like Qwen
-    model.generation_config.eos_token_id = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def run_cfg(model_dir, out, **kw) -> Config:
     base = dict(
         model=str(model_dir),
@@ -352,12 +353,6 @@ def run_cfg(model_dir, out, **kw) -> Config:
     )
     base.update(kw)
     return replace(Config(), **base)
-
-
-def weights_of(ckpt: Path) -> dict[str, th.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(ckpt / "model.safetensors")
 
 
 def letter_e(completions, answers):
@@ -457,3 +452,16 @@ def test_preemption_signal_checkpoints_and_resume_continues(tmp_path, tiny_model
     assert f"at step {done[-1]}" in again.stdout
     steps = [json.loads(s)["step"] for s in metrics.read_text().splitlines()]
     assert steps == list(range(1, 61))
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_reward_sees_the_think_block_the_prompt_opened(tmp_path, tiny_model_dir, thinking):
+    """With a prompt ending in `<think>\\n`, a box inside the still-open think block must not count as the answer."""
+    seen = []
+
+    def capture(completions, answers):
+        seen.extend(completions)
+        return [0.0] * len(completions), [0.0] * len(completions)
+
+    grpo.train(run_cfg(tiny_model_dir, tmp_path / "t", steps=1, save_every=0, enable_thinking=thinking), capture)
+    assert seen and all(s.startswith("<think>") == thinking for s in seen)

@@ -8,7 +8,8 @@ import torch as th
 
 import grpo
 import vocab as rvocab
-from tests.test_grpo import run_cfg, tiny_model, tiny_model_dir, weights_of  # noqa: F401 (fixture)
+from tests.conftest import tiny_model, weights_of
+from tests.test_grpo import run_cfg
 
 
 def expanded(tiny_tokenizer, size=rvocab.ALL_REGULAR, tie=True):

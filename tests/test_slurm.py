@@ -1,0 +1,149 @@
+"""launch.sh on a real SLURM: a tiny CPU run completes, and a preempted run checkpoints, requeues itself and resumes.
+
+Needs a running cluster (`../shared/tools/slurm-up.sh`, see its SLURM.md; `.ci/run` brings one up); skips when
+`sbatch` is absent or no controller answers. Each job runs from the repository root (launch.sh uses its .venv) with
+2 trainer processes (gloo) on one CPU-only node: no GPU is requested and each job takes 2 CPUs.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import grpo
+from tests.test_grpo import tiny_model_dir  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="no SLURM here (sbatch not found)"),
+    pytest.mark.skipif(
+        shutil.which("scontrol") is None or subprocess.run(["scontrol", "ping"], capture_output=True).returncode != 0,
+        reason="no SLURM controller answers `scontrol ping`",
+    ),
+]
+
+# On the CPU-only test node: no GPUs (overrides launch.sh's --gpus-per-node=4), 2 CPUs (its 16 would not fit).
+SBATCH = ["sbatch", "--parsable", "--job-name=grpo-test", "--gpus-per-node=0", "--cpus-per-task=2"]
+
+
+def tiny_args(model_dir: Path, out: Path, **kw) -> list[str]:
+    args = dict(model=model_dir, dataset="arithmetic", prompts_per_step=2, group_size=2, max_new_tokens=6,
+                max_prompt_len=256, micro_batch_size=4, device="cpu", output_dir=out)  # fmt: skip
+    args.update(kw)
+    return [s for k, v in args.items() for s in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def submit(log: Path, grpo_args: list[str], wait: bool, timeout: float) -> subprocess.Popen:
+    """`sbatch [--wait] launch.sh ARGS` from the repository root, 2 trainer processes; prints the job id."""
+    env = {k: v for k, v in os.environ.items() if k != "OUTPUT_DIR"} | {"NPROC_PER_NODE": "2"}
+    # `timeout`: sbatch --wait polls forever if the controller dies.
+    cmd = ["timeout", str(timeout), *SBATCH, *(["--wait"] if wait else []), f"--output={log}", "launch.sh"]
+    return subprocess.Popen([*cmd, *grpo_args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def job_id_of(proc: subprocess.Popen) -> str:
+    line = proc.stdout.readline().strip()  # --parsable: "ID" or "ID;cluster", printed at submission
+    assert re.fullmatch(r"\d+(;\S+)?", line), f"sbatch printed {line!r}"
+    return line.split(";")[0]
+
+
+def job_info(job: str) -> dict[str, str]:
+    """`scontrol show job` as a dict; {} once the controller has forgotten the job."""
+    r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {}
+    return dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
+
+
+def final_state(job: str) -> str:
+    """The job's state after it ended: from the controller, or from the job completion log once it is forgotten
+    (no accounting database here: `sacct` does not work)."""
+    if state := job_info(job).get("JobState"):
+        return state
+    conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    loc = re.search(r"^JobCompLoc\s*=\s*(\S+)", conf, re.M)
+    lines = Path(loc.group(1)).read_text().splitlines() if loc and Path(loc.group(1)).is_file() else []
+    states = [re.search(r"JobState=(\S+)", s).group(1) for s in lines if re.search(rf"\bJobId={job}\b", s)]
+    return states[-1] if states else "UNKNOWN"
+
+
+def requeued(job: str) -> dict[str, str] | None:
+    """The job's info once it has been requeued and is pending or running again, else None."""
+    info = job_info(job)
+    if info and int(info.get("Restarts", 0)) >= 1 and info.get("JobState") in ("PENDING", "RUNNING", "COMPLETED"):
+        return info
+    return None
+
+
+def metric_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    return [json.loads(s)["step"] for s in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_until(cond, timeout: float, what: str, log: Path):
+    """cond()'s first truthy value, polled every 0.2 s; fails with the job log's tail on timeout."""
+    end = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > end:
+            tail = log.read_text()[-3000:] if log.exists() else "(no log)"
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; job log:\n{tail}")
+        time.sleep(0.2)
+    return value
+
+
+def test_sbatch_runs_ddp_to_completion(tmp_path, tiny_model_dir):  # noqa: F811 (fixture)
+    out, log = tmp_path / "run", tmp_path / "slurm.log"
+    proc = submit(log, tiny_args(tiny_model_dir, out, steps=4, save_every=2), wait=True, timeout=150)
+    job = job_id_of(proc)
+    try:
+        rc = proc.wait(timeout=160)
+        text = log.read_text()
+        assert rc == 0, text
+        assert final_state(job) == "COMPLETED"
+        assert "2 rank(s)" in text  # both processes joined one data-parallel run
+        assert metric_steps(out) == [1, 2, 3, 4]
+        final = grpo.checkpoint_dirs(out)[-1]
+        assert final.name == "step_000004" and (final / "trainer_state.pt").exists()
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, tiny_model_dir):  # noqa: F811 (fixture)
+    out, log = tmp_path / "run", tmp_path / "slurm.log"
+    steps = 40
+    # Steps slow enough (longer completions, ~0.2 s) to signal mid-run; checkpoints at step 0, on preemption, at the end.
+    args = tiny_args(tiny_model_dir, out, steps=steps, save_every=1000, max_new_tokens=96)
+    proc = submit(log, args, wait=True, timeout=200)
+    job = job_id_of(proc)
+    try:
+        wait_until(lambda: len(metric_steps(out)) >= 2, 120, "two training steps", log)
+        # What SLURM sends before the time limit (--signal=B:USR1@300): USR1 to the batch shell alone.
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+        info = wait_until(lambda: requeued(job), 60, "the job to requeue itself", log)
+        if info["JobState"] == "PENDING" and info["Reason"] == "BeginTime":
+            # SLURM holds a requeued job ~2 min, until its old credential expires; the test starts it early, but not
+            # within the second of the requeue (that launch fails: "Job credential revoked").
+            time.sleep(2)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        rc = proc.wait(timeout=200)
+        text = log.read_text()
+        assert rc == 0, text
+        assert final_state(job) == "COMPLETED"
+        assert job_info(job).get("Restarts", "1") == "1"  # requeued once (if the controller still remembers it)
+
+        preempted_at = int(re.search(r"preempted after step (\d+)", text).group(1))
+        resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+        assert 2 <= preempted_at < steps, text  # stopped mid-run, after the steps seen before the signal
+        assert resumed_at == preempted_at  # from the preemption checkpoint, not step 0
+        assert text.index("preempted after step") < text.index("resumed from")
+        assert text.count("[launch] job") == 2  # the first run and the requeued one, in one appended log
+        assert metric_steps(out) == list(range(1, steps + 1))  # no step repeated or missing
+        assert grpo.checkpoint_dirs(out)[-1].name == f"step_{steps:06d}"
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
