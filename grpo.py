@@ -875,11 +875,15 @@ def train(cfg: Config, score_fn=None) -> Path:
             print(f"[grpo] resumed from {resume_from} at step {start_step}", flush=True)
             truncate_metrics(output_dir, start_step)
 
+    saved_step = start_step if resume_from is not None else None  # the same on every rank (no filesystem race)
+
     def checkpoint_now(step: int) -> None:
+        nonlocal saved_step
         if main_rank:
             save_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, scheduler, cfg)
         if world_size > 1:
             dist.barrier()
+        saved_step = step
 
     if resume_from is None and cfg.save_every > 0:
         checkpoint_now(0)
@@ -989,8 +993,7 @@ def train(cfg: Config, score_fn=None) -> Path:
             break
 
     if step < cfg.steps:  # preempted: keep what is done, exit cleanly so the requeued job resumes here
-        last = checkpoint_dirs(output_dir)
-        if not last or step_of(last[-1]) != step:
+        if saved_step != step:
             checkpoint_now(step)
         if main_rank:
             print(f"[grpo] preempted after step {step}: checkpoint written; rerun to resume", flush=True)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import grpo
-from tests.test_grpo import tiny_model_dir  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +85,12 @@ def metric_steps(out: Path) -> list[int]:
     return [json.loads(s)["step"] for s in path.read_text().splitlines()] if path.exists() else []
 
 
+def number_after(pattern: str, text: str) -> int:
+    m = re.search(pattern, text)
+    assert m, f"no {pattern!r} in the job log:\n{text[-3000:]}"
+    return int(m.group(1))
+
+
 def wait_until(cond, timeout: float, what: str, log: Path):
     """cond()'s first truthy value, polled every 0.2 s; fails with the job log's tail on timeout."""
     end = time.monotonic() + timeout
@@ -97,7 +102,7 @@ def wait_until(cond, timeout: float, what: str, log: Path):
     return value
 
 
-def test_sbatch_runs_ddp_to_completion(tmp_path, tiny_model_dir):  # noqa: F811 (fixture)
+def test_sbatch_runs_ddp_to_completion(tmp_path, tiny_model_dir):
     out, log = tmp_path / "run", tmp_path / "slurm.log"
     proc = submit(log, tiny_args(tiny_model_dir, out, steps=4, save_every=2), wait=True, timeout=150)
     job = job_id_of(proc)
@@ -114,7 +119,7 @@ def test_sbatch_runs_ddp_to_completion(tmp_path, tiny_model_dir):  # noqa: F811 
         subprocess.run(["scancel", job], capture_output=True)
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, tiny_model_dir):  # noqa: F811 (fixture)
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, tiny_model_dir):
     out, log = tmp_path / "run", tmp_path / "slurm.log"
     steps = 40
     # Steps slow enough (longer completions, ~0.2 s) to signal mid-run; checkpoints at step 0, on preemption, at the end.
@@ -137,8 +142,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, tiny_model_dir
         assert final_state(job) == "COMPLETED"
         assert job_info(job).get("Restarts", "1") == "1"  # requeued once (if the controller still remembers it)
 
-        preempted_at = int(re.search(r"preempted after step (\d+)", text).group(1))
-        resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+        preempted_at = number_after(r"preempted after step (\d+)", text)
+        resumed_at = number_after(r"resumed from \S+ at step (\d+)", text)
+        assert "(trainer exit status 0)" in text  # the preempted run's processes all exited cleanly
         assert 2 <= preempted_at < steps, text  # stopped mid-run, after the steps seen before the signal
         assert resumed_at == preempted_at  # from the preemption checkpoint, not step 0
         assert text.index("preempted after step") < text.index("resumed from")
