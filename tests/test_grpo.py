@@ -465,3 +465,32 @@ def test_reward_sees_the_think_block_the_prompt_opened(tmp_path, tiny_model_dir,
 
     grpo.train(run_cfg(tiny_model_dir, tmp_path / "t", steps=1, save_every=0, enable_thinking=thinking), capture)
     assert seen and all(s.startswith("<think>") == thinking for s in seen)
+
+
+def test_drop_truncated_rows_are_left_out_of_the_loss():
+    """Zeroing truncated rows in the loss mask equals training on the other rows alone (token-mean normaliser)."""
+    adjust = plain_adjust(32, temperature=1.5)
+    r = _rollout(tiny_model(32), adjust)
+    adv = th.linspace(-1, 1, 8)
+    keep = th.tensor([1, 0, 1, 1, 0, 1, 1, 0], dtype=th.bool)
+    weights = []
+    for rows, mask in [(slice(None), r.completion_mask * keep[:, None]), (keep, r.completion_mask[keep])]:
+        sub = replace(r, **{f: getattr(r, f)[rows] for f in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                                "completion_mask", "truncated", "logp", "entropy")})  # fmt: skip
+        m = tiny_model(32)
+        grpo.update(m, th.optim.SGD(m.parameters(), lr=0.1), sub, adv[rows], adjust, loss_mask=mask, old_logp=None,
+                    ref_logp=None, cfg=tiny_cfg(max_new_tokens=9))  # fmt: skip
+        weights.append(th.cat([p.detach().flatten() for p in m.parameters()]))
+    assert (weights[0] - weights[1]).abs().max() < 1e-6
+
+
+def test_all_rows_dropped_is_a_no_op_not_a_crash():
+    adjust = plain_adjust(32)
+    model = tiny_model(32)
+    r = _rollout(model, adjust)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = th.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)  # decoupled decay would move weights anyway
+    stats = grpo.update(model, opt, r, th.ones(8), adjust,
+                        loss_mask=th.zeros_like(r.completion_mask), old_logp=None, ref_logp=None, cfg=tiny_cfg())  # fmt: skip
+    assert stats["loss"] == 0.0 and stats["skipped"] == 0.0
+    assert all(th.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
