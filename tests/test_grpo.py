@@ -223,7 +223,7 @@ def test_sampler_stops_rows_independently_and_masks_up_to_eos():
             assert (ids[n:] == 0).all()  # padded after
         else:
             assert n == 30
-    assert r.truncated.any() or lengths.max() < 30
+    assert not r.truncated.all()  # some rows ended with their own EOS
 
 
 def test_eos_inside_prompt_does_not_stop_row():
