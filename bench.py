@@ -533,21 +533,21 @@ def notes(results: dict) -> list[str]:
         if name == "draw_ms" or r is None or r["speedup"] >= TARGETS["rollout_speedup_vs_hf"][1]:
             continue
         lin = share(r["profile_hf"], "linear")
-        draw_ours = share(r["profile_ours"], "exponential_")
+        draw_ours = share(r["profile_ours"], "uniform_") + share(r["profile_ours"], "log_")
         draw_hf = share(r["profile_hf"], "multinomial")
         out.append(
             f"rollout_speedup_vs_hf ({name}): on CPU the model's matmuls (decoder and lm_head, the same in both: "
             f"grpo.sample runs the HF decoder body) take {lin:.0%} of HF generate's time, so even with nothing else "
-            f"left the bound is {1 / lin:.1f}x. Most of the rest is the random draw over V: torch's CPU exponential_ "
-            f"(the exponential race, {draw_ours:.0%} of grpo.sample) is no faster than HF's multinomial "
-            f"({draw_hf:.0%} of generate); generate's own per-step Python overhead is small at these sizes."
+            f"left the bound is {1 / lin:.1f}x. The rest is mostly the random draw over V: the race's uniform_ + log "
+            f"take {draw_ours:.0%} of grpo.sample, HF's multinomial {draw_hf:.0%} of generate; generate's own "
+            "per-step Python overhead is small at these sizes."
         )
     if "draw_ms" in ro:
         d = ro["draw_ms"]
         out.append(
             f"one draw over (8, {QWEN3_ROWS:,}) on this CPU: exponential_ {d['exponential_']:.1f} ms, −log th.rand "
             f"(the same Exp(1) law) {d['rand_log']:.1f} ms, softmax + multinomial {d['softmax_multinomial']:.1f} ms: "
-            "the sampler's race would gain most from drawing its Exp(1) noise as −log U."
+            "the sampler draws its Exp(1) noise as −log U for this reason."
         )
     mo = results.get("mask_overhead")
     if mo and mo["mask_overhead"] < 0:
