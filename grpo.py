@@ -769,7 +769,6 @@ def pick_device(name: str) -> th.device:
     return th.device(name)
 
 
-THINK = "<think>"
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # SLURM's warning signal before a time limit, and preemption
 _preempted = threading.Event()
 
@@ -900,7 +899,8 @@ def train(cfg: Config, score_fn=None) -> Path:
         batch = data.prompt_batch(examples, step, cfg.prompts_per_step, seed=cfg.seed, rank=rank, world_size=world_size)
         prompts = [ex.prompt_ids for ex in batch for _ in range(cfg.group_size)]
         answers = [ex.answer for ex in batch for _ in range(cfg.group_size)]
-        opens_think = [tags is not None and rvocab.opens_think(p, *tags) for p in prompts]
+        opens_think = [tags is not None and rvocab.opens_think(ex.prompt_ids, *tags) for ex in batch]
+        opens_think = [o for o in opens_think for _ in range(cfg.group_size)]
         generators = [
             th.Generator(device=device).manual_seed(sample_seed(cfg.seed, step, ex.index, j))
             for ex in batch
@@ -934,7 +934,7 @@ def train(cfg: Config, score_fn=None) -> Path:
         ]
         # A prompt that opens the think block (Qwen3's thinking template) makes the completion start inside it: the
         # reward must see that opening tag, or a box inside an unclosed think block would count as the answer.
-        scored = [THINK + t if opens else t for t, opens in zip(texts, opens_think, strict=True)]
+        scored = [rvocab.THINK + t if opens else t for t, opens in zip(texts, opens_think, strict=True)]
         t_rollout = time.perf_counter() - t0
 
         # 2. Rewards and group-relative advantages (a prompt's whole group is on this rank).
