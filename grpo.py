@@ -268,13 +268,19 @@ def positions(mask: th.Tensor) -> th.Tensor:
 Generators = th.Generator | list[th.Generator] | None  # one for the batch, or one per row
 
 
-def sample_tokens(z: th.Tensor, top_p: float, generator: Generators) -> tuple[th.Tensor, th.Tensor]:
-    """Exact sampling from softmax(z) (B, V) → (tokens (B,), log-probs (B,) under the distribution sampled from).
+def sample_tokens(
+    z: th.Tensor, top_p: float, generator: Generators, greedy: bool = False
+) -> tuple[th.Tensor, th.Tensor]:
+    """Exact sampling from softmax(z) (B, V) → (tokens (B,), log-probs (B,) under the distribution sampled from);
+    `greedy` takes the argmax instead (evaluation).
 
     Exponential race (Gumbel-max): argmax_i z_i − log E_i with E_i ~ Exp(1) i.i.d. picks i with probability
     softmax(z)_i, because −log E_i is standard Gumbel noise. One elementwise pass and one argmax over V instead of a
     multinomial's cumulative sum and search over 152k entries; −∞ rows can never win. With one generator per row
     a row's samples do not depend on which other rows share its batch (or rank)."""
+    if greedy:
+        tokens = z.argmax(-1)
+        return tokens, z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(-1)
     if top_p < 1.0:  # keep the smallest set of top tokens whose mass reaches top_p, renormalised
         sorted_z, order = z.sort(dim=-1, descending=True)
         mass_before = sorted_z.softmax(-1).cumsum(-1) - sorted_z.softmax(-1)
@@ -319,6 +325,7 @@ def sample(
     pad_id: int,
     top_p: float = 1.0,
     generator: Generators = None,
+    greedy: bool = False,
     stop_check_every: int = 8,
     should_stop=None,
 ) -> Rollout:
@@ -345,7 +352,7 @@ def sample(
     tokens, logps, ents, alive = [], [], [], []
     for t in range(max_new_tokens):
         z = adjust(lm_head_fp32(model, hidden), inside)  # (B, V)
-        tok, lp = sample_tokens(z, top_p, generator)
+        tok, lp = sample_tokens(z, top_p, generator, greedy)
         ents.append(entropy_of(z))
         tok = tok.masked_fill(done, pad_id)
         tokens.append(tok)
