@@ -69,9 +69,16 @@ def machine() -> dict:
 
 
 def random_qwen3(
-    vocab_size: int, hidden: int = 64, layers: int = 1, heads: int = 4, kv_heads: int = 2
+    vocab_size: int,
+    hidden: int = 64,
+    layers: int = 1,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    intermediate: int | None = None,
+    device: str = "cpu",
 ) -> Qwen3ForCausalLM:
-    """A random-init Qwen3-shaped decoder (tied embeddings): the head and the vocabulary are what is measured."""
+    """A random-init Qwen3-shaped decoder (tied embeddings, fp32): the head and the vocabulary are what is measured."""
     th.manual_seed(0)
     cfg = Qwen3Config(
         vocab_size=vocab_size,
@@ -79,13 +86,17 @@ def random_qwen3(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,
-        intermediate_size=3 * hidden,
-        max_position_embeddings=8192,
+        head_dim=head_dim or hidden // heads,
+        intermediate_size=intermediate or 3 * hidden,
+        max_position_embeddings=16384,
         tie_word_embeddings=True,
         attn_implementation="sdpa",
     )
-    return Qwen3ForCausalLM(cfg).eval()
+    with th.device(device):
+        return Qwen3ForCausalLM(cfg).eval()
+
+
+QWEN3_06B = dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072)  # Qwen3-0.6B's shape
 
 
 def doubled_vocab() -> rvocab.ReasoningVocab:
@@ -372,49 +383,331 @@ def bench_rollouts() -> dict:
 # 4. One grpo.update against completion length
 
 
-def child_update(T: int) -> dict:
-    """Time and peak extra memory of one grpo.update (B = 1, AdamW) on a 1-layer, hidden-64 model with Qwen3's
-    151,936-row vocabulary (the doubled one would double an already long CPU run)."""
+def random_rollout(B: int, T: int, device: str = "cpu", P: int = 16) -> grpo.Rollout:
+    """B completions of exactly T random tokens after P-token prompts ending in <think>."""
+    g = th.Generator().manual_seed(T + B)
+    prompt = th.randint(0, QWEN3_BASE, (B, P), generator=g)
+    prompt[:, -1] = THINK_ID
+    ids = th.randint(0, QWEN3_BASE, (B, T), generator=g)
+    r = grpo.Rollout(
+        prompt_ids=prompt,
+        prompt_mask=th.ones_like(prompt),
+        completion_ids=ids,
+        completion_mask=th.ones_like(ids),
+        truncated=th.zeros(B, dtype=th.bool),
+        logp=th.zeros(B, T),
+        entropy=th.zeros(B, T),
+        start_inside=th.ones(B, dtype=th.bool),
+    )
+    return grpo.Rollout(**{k: None if v is None else v.to(device) for k, v in vars(r).items()})
+
+
+def child_update(T: int, G: int = 1, micro: int = 1) -> dict:
+    """Time and peak extra memory of one grpo.update (one group of G completions of T tokens, AdamW, micro-batches
+    of `micro`) on a 1-layer, hidden-64 model with Qwen3's 151,936-row vocabulary (the doubled one would double an
+    already long CPU run)."""
     model = random_qwen3(QWEN3_ROWS)
     model.train()
     adjust = qwen3_adjust(QWEN3_ROWS, None)
     opt = th.optim.AdamW(model.parameters(), lr=1e-6)
-    cfg = grpo.Config(micro_batch_size=1, max_new_tokens=T)
-
-    def rollout(n: int) -> grpo.Rollout:
-        g = th.Generator().manual_seed(n)
-        prompt = th.randint(0, QWEN3_BASE, (1, 16), generator=g)
-        prompt[:, -1] = THINK_ID
-        ids = th.randint(0, QWEN3_BASE, (1, n), generator=g)
-        return grpo.Rollout(
-            prompt_ids=prompt,
-            prompt_mask=th.ones_like(prompt),
-            completion_ids=ids,
-            completion_mask=th.ones_like(ids),
-            truncated=th.tensor([False]),
-            logp=th.zeros(1, n),
-            entropy=th.zeros(1, n),
-            start_inside=None,
-        )
+    cfg = grpo.Config(micro_batch_size=micro, max_new_tokens=T)
 
     def step(r):
-        grpo.update(model, opt, r, th.tensor([1.0]), adjust, loss_mask=r.completion_mask, old_logp=None,
-                    ref_logp=None, cfg=cfg)  # fmt: skip
+        advantages = th.linspace(-1, 1, r.completion_ids.shape[0])
+        grpo.update(model, opt, r, advantages, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
+                    cfg=cfg)  # fmt: skip
 
-    step(rollout(256))  # warm-up; also allocates AdamW's state, which then counts in the baseline
-    r = rollout(T)
+    step(random_rollout(1, 256))  # warm-up; also allocates AdamW's state, which then counts in the baseline
+    r = random_rollout(G, T)
     gc.collect()
     base = rss_mib()
+    repeats = REPEATS if G * T <= 4096 else 1
     times = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         step(r)
         times.append(time.perf_counter() - t0)
-    return {"T": T, "seconds": statistics.median(times), "peak_mib": peak_mib() - base}
+    return {"T": T, "G": G, "seconds": statistics.median(times), "peak_mib": peak_mib() - base}
 
 
-def bench_update_scaling(lengths=(256, 1024, 4096)) -> list[dict]:
-    return [in_child("update", T=T) for T in lengths]
+def bench_update_scaling(lengths=(256, 1024, 4096), groups=(2, 4, 8, 16), group_T: int = 256) -> dict:
+    """One grpo.update against completion length (G = 1) and against group size (T = group_T, micro-batches of 4)."""
+    return {
+        "length": [in_child("update", T=T) for T in lengths],
+        "group": [in_child("update", T=group_T, G=G, micro=4) for G in groups],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. On a GPU (--device cuda): the same ratios on a Qwen3-0.6B-shaped model, and long rollouts at full vocabulary
+
+# Peak HBM bandwidth (bytes/s) by device name, from the vendors' data sheets; the bench also measures a copy.
+HBM_PEAK = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.039e12,
+            "A100 80GB PCIe": 1.935e12, "A100-SXM4-40GB": 1.555e12, "L40S": 0.864e12}  # fmt: skip
+
+
+DEV = "cuda"  # the GPU sections' device; "cpu" only for a dry run of their code (tests/test_bench.py)
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        th.cuda.synchronize()
+
+
+def cuda_seconds(fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def cuda_peak_gib(fn) -> float:
+    """Peak allocated GPU memory during fn, beyond what was allocated before it (0 in a CPU dry run)."""
+    gc.collect()
+    if DEV != "cuda":
+        fn()
+        return 0.0
+    th.cuda.empty_cache()
+    th.cuda.reset_peak_memory_stats()
+    base = th.cuda.memory_allocated()
+    fn()
+    th.cuda.synchronize()
+    return (th.cuda.max_memory_allocated() - base) / 2**30
+
+
+def copy_bandwidth(numel: int = 2**30) -> float:
+    """Achieved device-to-device copy bandwidth (bytes/s): read + write of a 4 GiB buffer."""
+    x = th.empty(numel, dtype=th.float32, device=DEV)
+    y = th.empty_like(x)
+    y.copy_(x)
+    t = min(cuda_seconds(lambda: y.copy_(x)) for _ in range(5))
+    return 2 * x.numel() * 4 / t
+
+
+def stop_after(checks: int):
+    """A should_stop for grpo.sample that ends the rollout at its `checks`-th stop check (8 decode steps each)."""
+    calls = [0]
+
+    def should_stop() -> bool:
+        calls[0] += 1
+        return calls[0] >= checks
+
+    return should_stop
+
+
+def gpu_rollout(model, B: int, P: int = 64, N: int = 128) -> dict:
+    """grpo.sample (growing cache, and static cache + CUDA graph) vs HF generate, bf16 autocast, EOS disabled."""
+    dev = DEV
+    g = th.Generator().manual_seed(3)
+    prompts = th.randint(0, QWEN3_BASE, (B, P), generator=g).tolist()
+    ids, mask = (x.to(dev) for x in grpo.left_pad(prompts, QWEN3_BASE))
+    adjust = grpo.LogitAdjust(1.0, grpo.padding_bias(QWEN3_ROWS, QWEN3_TOKENS, QWEN3_ROWS).to(dev), None)
+    gen_cfg = copy.deepcopy(model.generation_config)
+    gen_cfg.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, min_new_tokens=0)
+    gen_cfg.eos_token_id, gen_cfg.pad_token_id, gen_cfg.bos_token_id = None, QWEN3_BASE, None
+
+    def ours(static: bool, n: int = N):
+        gen = th.Generator(dev).manual_seed(0)
+        r = grpo.sample(model, prompts, adjust, max_new_tokens=n, eos_ids=[-1], pad_id=QWEN3_BASE, generator=gen,
+                        static_cache=static)  # fmt: skip
+        assert r.completion_ids.shape == (B, n)
+
+    def hf(n: int = N):
+        gen_cfg.max_new_tokens = n
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        assert out.shape == (B, P + n), out.shape
+
+    runs = {"dynamic": lambda: ours(False), "static_graph": lambda: ours(True), "hf": hf}
+    with th.autocast(DEV, dtype=th.bfloat16), th.inference_mode():
+        ours(False, 16), ours(True, 16), hf(16)  # warm-up
+        t = {k: min(cuda_seconds(fn) for _ in range(2)) for k, fn in runs.items()}
+    best = min(t["dynamic"], t["static_graph"])
+    return {"B": B, "P": P, "N": N, **{f"{k}_tok_s": B * N / v for k, v in t.items()}, "speedup": t["hf"] / best,
+            "static_vs_dynamic": t["dynamic"] / t["static_graph"]}  # fmt: skip
+
+
+def gpu_logprob_memory(model, T: int = 2048) -> dict:
+    """Peak GPU memory of log-probs + loss forward and backward (B = 1, bf16 autocast, gradient checkpointing),
+    chunked vs naive."""
+    vocab = doubled_vocab()
+    adjust = qwen3_adjust(DOUBLED, vocab)
+    adjust.bias = adjust.bias.to(DEV)
+    r = random_rollout(1, T, DEV)
+    start, ones = r.start_inside, r.completion_mask
+
+    def run(chunk: int | None):
+        with th.autocast(DEV, dtype=th.bfloat16):
+            if chunk:
+                logp = grpo.sequence_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, ones, adjust,
+                                              start, chunk)  # fmt: skip
+            else:
+                ids, mask = th.cat([r.prompt_ids, r.completion_ids], 1), th.cat([r.prompt_mask, ones], 1)
+                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[
+                    :, r.prompt_ids.shape[1] - 1 : -1
+                ]
+                z = adjust(grpo.lm_head_fp32(model, hidden), adjust.inside(r.completion_ids, start))
+                logp = z.log_softmax(-1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
+        loss, _ = grpo.policy_loss(logp, logp.detach(), None, th.ones(1, device=DEV), ones, eps_low=0.2,
+                                   eps_high=0.28, beta=0.0, loss_type="token")  # fmt: skip
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.train()
+    model.gradient_checkpointing_enable()  # as at long T: the body's activations then stay small beside the head's
+    run(256)  # warm-up
+    naive, chunked = cuda_peak_gib(lambda: run(None)), cuda_peak_gib(lambda: run(grpo.Config().logprob_chunk))
+    model.gradient_checkpointing_disable()
+    model.eval()
+    return {
+        "T": T,
+        "V": DOUBLED,
+        "naive_gib": naive,
+        "chunked_gib": chunked,
+        "logprob_mem_ratio": chunked / naive if naive else None,
+    }
+
+
+def gpu_mask_overhead(model, B: int = 64, P: int = 64, N: int = 64) -> dict:
+    """grpo.sample with and without the gate on the doubled Qwen3-0.6B-shaped model (prompts end in <think>)."""
+    g = th.Generator().manual_seed(1)
+    prompts = th.randint(0, QWEN3_BASE, (B, P), generator=g)
+    prompts[:, -1] = THINK_ID
+    prompts = prompts.tolist()
+    with_mask, without = qwen3_adjust(DOUBLED, doubled_vocab()), qwen3_adjust(DOUBLED, None)
+    with_mask.bias, without.bias = with_mask.bias.to(DEV), without.bias.to(DEV)
+
+    def run(adjust):
+        gen = th.Generator(DEV).manual_seed(0)
+        grpo.sample(model, prompts, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, generator=gen)
+
+    with th.autocast(DEV, dtype=th.bfloat16):
+        run(with_mask), run(without)
+        times = {"mask": [], "none": []}
+        for _ in range(3):
+            for name, adjust in (("mask", with_mask), ("none", without)):
+                times[name].append(cuda_seconds(lambda a=adjust: run(a)))
+    t_mask, t_none = statistics.median(times["mask"]), statistics.median(times["none"])
+    return {"B": B, "N": N, "mask_s": t_mask, "none_s": t_none, "mask_overhead": t_mask / t_none - 1}
+
+
+def gpu_long_rollout(model, N: int = 8192, P: int = 64) -> dict:
+    """The doubled Qwen3-0.6B-shaped model with the gate, 8,192-token completions: the largest rollout batch whose
+    static KV cache (allocated whole at the start, so a batch that starts also finishes) fits, its decode tokens/s
+    at full length (every step attends over all P + N slots, as the last step of a full-length rollout does) and
+    that as a fraction of the HBM bound: (bf16 weights + the KV cache) read once per step at peak bandwidth."""
+    cfg = model.config
+    kv_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * (P + N)  # bytes per row, bf16
+    weights = 2 * sum(p.numel() for p in model.parameters())  # bf16 bytes
+    vocab = doubled_vocab()
+    adjust = qwen3_adjust(DOUBLED, vocab)
+    adjust.bias = adjust.bias.to(DEV)
+
+    def rollout(B: int, checks: int):
+        g = th.Generator().manual_seed(B)
+        prompts = th.randint(0, QWEN3_BASE, (B, P), generator=g)
+        prompts[:, -1] = THINK_ID
+        gen = th.Generator(DEV).manual_seed(0)
+        with th.autocast(DEV, dtype=th.bfloat16):
+            grpo.sample(model, prompts.tolist(), adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, generator=gen,
+                        static_cache=True, should_stop=stop_after(checks))  # fmt: skip
+
+    gc.collect()
+    free = th.cuda.mem_get_info()[0] if DEV == "cuda" else 2**28
+    # Per row: the cache; the step's K and V repeated to all query heads (HF's SDPA path with a mask does that, for
+    # the eager warm-up step and again in the graph's own pool); a few fp32 (V,) rows of logits, noise and bias.
+    repeated = 2 * cfg.num_attention_heads * cfg.head_dim * 2 * (P + N)
+    per_row = kv_row + 2 * repeated + 8 * DOUBLED * 4
+    B = int(0.92 * free / per_row) // 8 * 8
+    fitted, tries = None, []
+    while B >= 8 and fitted is None:
+        try:
+            rollout(B, 1)
+            fitted = B
+        except th.OutOfMemoryError:
+            tries.append(B)
+        if fitted is None:  # outside the except block, whose traceback would keep the failed cache alive
+            gc.collect()
+            th.cuda.empty_cache()
+            B = int(B * 0.9) // 8 * 8
+    if fitted is None:
+        return {"error": "no batch of 8 fits"}
+    long, short = cuda_seconds(lambda: rollout(fitted, 8)), cuda_seconds(lambda: rollout(fitted, 1))
+    step_s = (long - short) / 56
+    bound_s = (weights + fitted * kv_row) / hbm_peak()
+    return {"N": N, "P": P, "largest_batch": fitted, "oom_at": tries, "kv_gib_per_row": kv_row / 2**30,
+            "step_ms": 1e3 * step_s, "decode_tok_s": fitted / step_s, "hbm_bound_ms": 1e3 * bound_s,
+            "hbm_fraction": bound_s / step_s}  # fmt: skip
+
+
+def device_name() -> str:
+    return th.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)"
+
+
+def hbm_peak() -> float:
+    name = device_name()
+    for key, value in HBM_PEAK.items():
+        if key in name:
+            return value
+    return copy_bandwidth(
+        2**30 if DEV == "cuda" else 2**20
+    )  # unknown card: the achieved copy bandwidth stands in for the peak
+
+
+def gpu_update(model, lengths=(1024, 4096, 8192), groups=(4, 8, 16), group_T: int = 1024) -> dict:
+    """One grpo.update of the doubled Qwen3-0.6B-shaped model (bf16 autocast, fp32 master weights, AdamW, gradient
+    checkpointing, micro-batches of 4): time and peak memory against completion length (G = 1) and group size."""
+    adjust = qwen3_adjust(DOUBLED, doubled_vocab())
+    adjust.bias = adjust.bias.to(DEV)
+    model.train()
+    model.gradient_checkpointing_enable()
+    opt = th.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def one(G: int, T: int) -> dict:
+        cfg = grpo.Config(micro_batch_size=4, max_new_tokens=T)
+        r = random_rollout(G, T, DEV)
+        adv = th.linspace(-1, 1, G, device=DEV)
+
+        def step():
+            grpo.update(model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
+                        cfg=cfg, autocast=True)  # fmt: skip
+
+        peak = cuda_peak_gib(step)
+        return {"G": G, "T": T, "seconds": cuda_seconds(step), "peak_gib": peak}
+
+    one(1, 256)  # warm-up; allocates AdamW's state, which then counts in the baseline
+    out = {"length": [one(1, T) for T in lengths], "group": [one(G, group_T) for G in groups]}
+    model.gradient_checkpointing_disable()
+    model.eval()
+    return out
+
+
+def bench_gpu(shape: dict = QWEN3_06B, long_n: int = 8192, lengths=(1024, 4096, 8192), groups=(4, 8, 16)) -> dict:
+    """Every GPU section, each guarded so that one failure leaves the others' figures."""
+    bandwidth = copy_bandwidth(2**30 if DEV == "cuda" else 2**20)
+    out: dict = {"device": device_name(), "hbm_peak_tb_s": hbm_peak() / 1e12, "copy_tb_s": bandwidth / 1e12}
+    base = random_qwen3(QWEN3_ROWS, **shape, device=DEV)
+    doubled = random_qwen3(DOUBLED, **shape, device=DEV)
+    sections = [
+        ("rollout_b8", lambda: gpu_rollout(base, 8)),
+        ("rollout_b64", lambda: gpu_rollout(base, 64)),
+        ("mask_overhead", lambda: gpu_mask_overhead(doubled)),
+        ("logprob", lambda: gpu_logprob_memory(doubled)),
+        ("long_rollout", lambda: gpu_long_rollout(doubled, N=long_n)),
+        ("update", lambda: gpu_update(doubled, lengths, groups, group_T=lengths[0])),
+    ]
+    for name, fn in sections:
+        t = time.perf_counter()
+        try:
+            out[name] = fn()
+        except Exception as e:  # noqa: BLE001 — report it and go on to the next section
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        print(f"[gpu {name}: {time.perf_counter() - t:.0f} s] {json.dumps(out[name], default=str)[:400]}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        gc.collect()
+        if DEV == "cuda":
+            th.cuda.empty_cache()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -490,13 +783,17 @@ def report(results: dict) -> str:
         lines.append(f"| {item.split(' ')[0]} | — | not done | {item} |")
     sc = results.get("update_scaling")
     if sc:
+        chunk = grpo.Config().logprob_chunk
         lines += [
             "",
-            f"one grpo.update (B = 1, AdamW, chunk {grpo.Config().logprob_chunk}, V = 151,936, 1 layer, hidden 64):",
-            "",
+            f"one grpo.update (AdamW, chunk {chunk}, V = 151,936, 1 layer, hidden 64), against length (G = 1):",
         ]
-        lines += ["| completion tokens | step s | peak extra MiB |", "|---|---|---|"]
-        lines += [f"| {r['T']} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |" for r in sc]
+        lines += ["", "| completion tokens | step s | peak extra MiB |", "|---|---|---|"]
+        lines += [f"| {r['T']} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |" for r in sc["length"]]
+        T = sc["group"][0]["T"]
+        lines += ["", f"against group size (T = {T}, micro-batches of 4):", ""]
+        lines += ["| group size G | step s | peak extra MiB |", "|---|---|---|"]
+        lines += [f"| {r['G']} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |" for r in sc["group"]]
     if ro:
         for name, r in ro.items():
             if name != "draw_ms" and r is not None:
@@ -556,24 +853,84 @@ def notes(results: dict) -> list[str]:
             "decode step here."
         )
     sc = results.get("update_scaling")
-    if sc and len(sc) >= 2:
-        a, b = sc[-2], sc[-1]
+    if sc and len(sc["length"]) >= 2:
+        a, b = sc["length"][-2], sc["length"][-1]
         out.append(
             f"update scaling: from {a['T']} to {b['T']} completion tokens the step time grows "
             f"{b['seconds'] / a['seconds']:.1f}x (the head's FLOPs are linear in T) and the peak memory "
             f"{b['peak_mib'] / a['peak_mib']:.2f}x: flat once T exceeds one chunk, so the loss's memory does not "
             "grow with V×T."
         )
+    if sc and len(sc["group"]) >= 2:
+        a, b = sc["group"][0], sc["group"][-1]
+        out.append(
+            f"group size: from G = {a['G']} to {b['G']} the step time grows {b['seconds'] / a['seconds']:.1f}x "
+            f"(linear in G·T) and the peak memory {b['peak_mib'] / a['peak_mib']:.2f}x: micro-batches bound it."
+        )
     return out
+
+
+def gpu_report(g: dict) -> str:
+    """The GPU figures as markdown tables (sections that failed show their error)."""
+    lines = [f"GPU: {g['device']} (peak HBM {g['hbm_peak_tb_s']:.2f} TB/s, measured copy {g['copy_tb_s']:.2f} TB/s), "
+             "random Qwen3-0.6B-shaped model (hidden 1024, 28 layers, 16/8 heads, head dim 128), fp32 master "
+             "weights, bf16 autocast", "", "| figure | value | target | setting |", "|---|---|---|---|"]  # fmt: skip
+
+    def failed(name: str) -> bool:
+        if "error" in g.get(name, {"error": "not run"}):
+            lines.append(f"| {name} | — | failed | {g.get(name, {}).get('error', 'not run')[:300]} |")
+            return True
+        return False
+
+    for name in ("rollout_b8", "rollout_b64"):
+        if not failed(name):
+            r = g[name]
+            lines.append(
+                f"| rollout_speedup_vs_hf (B = {r['B']}) | {r['speedup']:.2f} | "
+                f"{met('rollout_speedup_vs_hf', r['speedup'])} | V = 151,936, {r['N']} new tokens: HF "
+                f"{r['hf_tok_s']:.0f} tok/s, grpo.sample {r['dynamic_tok_s']:.0f} (growing cache), "
+                f"{r['static_graph_tok_s']:.0f} (static cache + CUDA graph) |"
+            )
+    if not failed("mask_overhead"):
+        m = g["mask_overhead"]
+        lines.append(
+            f"| mask_overhead | {m['mask_overhead']:+.3f} | {met('mask_overhead', m['mask_overhead'])} | B = {m['B']}, "
+            f"{m['N']} tokens, V = {DOUBLED:,}: {m['mask_s']:.2f} s vs {m['none_s']:.2f} s |"
+        )
+    if not failed("logprob") and g["logprob"]["logprob_mem_ratio"] is not None:
+        m = g["logprob"]
+        lines.append(
+            f"| logprob_mem_ratio | {m['logprob_mem_ratio']:.3f} | {met('logprob_mem_ratio', m['logprob_mem_ratio'])} "
+            f"| T = {m['T']}, V = {m['V']:,}: {m['chunked_gib']:.2f} vs {m['naive_gib']:.2f} GiB |"
+        )
+    if not failed("long_rollout"):
+        m = g["long_rollout"]
+        lines.append(
+            f"| largest rollout batch, {m['N']:,}-token completions | {m['largest_batch']} | — | V = {DOUBLED:,} with "
+            f"the gate; static KV cache {m['kv_gib_per_row']:.2f} GiB per row |"
+        )
+        lines.append(
+            f"| decode tokens/s at that batch, full length | {m['decode_tok_s']:,.0f} | — | {m['step_ms']:.1f} ms per "
+            f"step; HBM bound {m['hbm_bound_ms']:.1f} ms: {m['hbm_fraction']:.0%} of the bound |"
+        )
+    if not failed("update"):
+        u = g["update"]
+        lines += ["", "one grpo.update (V = 303,872, gradient checkpointing, micro-batches of 4):", ""]
+        lines += ["| G | completion tokens | step s | peak GiB |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['G']} | {r['T']} | {r['seconds']:.2f} | {r['peak_gib']:.2f} |" for r in u["length"] + u["group"]
+        ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU sections")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     args = parser.parse_args(argv)
-    th.set_num_threads(2)
     if args.child:
+        th.set_num_threads(2)
         spec = json.loads(args.child)
         task = spec.pop("task")
         fn = {"logprob_memory": child_logprob_memory, "update": child_update}[task]
@@ -582,6 +939,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     results: dict = {"machine": machine()}
+    if args.device == "cuda":
+        if not th.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible")
+        results["gpu"] = bench_gpu()
+        results["seconds"] = time.perf_counter() - t0
+        print(gpu_report(results["gpu"]))
+        print(f"\ntotal {results['seconds']:.0f} s")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+        return results
+
+    th.set_num_threads(2)
     sections = [
         ("logprob", bench_logprob_memory),
         ("mask_overhead", bench_mask_overhead),

@@ -95,6 +95,9 @@ class Config:
     """Completion length limit; longer completions are truncated."""
     rollout_batch_size: int = 64
     """Sequences sampled together (memory); 0 = all of the step's at once."""
+    static_cache: bool = False
+    """Decode with a fixed-size KV cache, replayed as a CUDA graph on GPU: faster where kernel launches dominate
+    (small batches, short completions); it attends over all max_new_tokens slots at every step (see bench.py)."""
 
     # Objective
     beta: float = 0.0
@@ -155,6 +158,20 @@ class Config:
     """'auto' (CUDA when available, else CPU), 'cuda', 'cpu'."""
     bf16: bool = True
     """bf16 autocast for the decoder body on GPU (fp32 master weights; log-probs always fp32)."""
+
+    # Held-out evaluation during training (evaluate.py): the same sampler, policy and reward as the rollouts
+    eval_every: int = 0
+    """Evaluate every N steps, at step 0 (unless resuming) and at the end; 0 = off. Needs eval_dataset."""
+    eval_dataset: str | None = None
+    """Hub id or local .json/.jsonl/.parquet file (fields auto-detected; prompts built like the training ones)."""
+    eval_split: str | None = None
+    """Split of eval_dataset; default 'test' for hub ids and the whole file for local files."""
+    eval_samples: int = 4
+    """Completions per evaluation problem (k): eval_accuracy is pass@1, their mean; eval_pass@k is logged too."""
+    eval_max_problems: int | None = None
+    """Evaluate a fixed seeded subset of this many problems (the same at every evaluation)."""
+    eval_max_new_tokens: int | None = None
+    """Completion length limit for evaluation; None = max_new_tokens."""
 
 
 def _smollm2_gguf() -> str:
@@ -245,7 +262,7 @@ class Rollout:
     completion_mask: th.Tensor  # (B, T) 1 up to and including EOS
     truncated: th.Tensor  # (B,) bool: no EOS within max_new_tokens
     logp: th.Tensor  # (B, T) log-prob of each sampled token under the distribution it was sampled from
-    entropy: th.Tensor  # (B, T) entropy of the policy at each position
+    entropy: th.Tensor  # (B, T) entropy of the policy over text at each position (see entropy_of)
     start_inside: th.Tensor | None  # (B,) think state at the first completion token (reasoning vocab only)
 
 
@@ -298,8 +315,15 @@ def sample_tokens(
     return tokens, logp
 
 
-def entropy_of(z: th.Tensor) -> th.Tensor:
-    """H(softmax(z)) over the last dim, safe with −∞ entries."""
+def entropy_of(z: th.Tensor, vocab: rvocab.ReasoningVocab | None = None) -> th.Tensor:
+    """H(softmax(z)) over the last dim, safe with −∞ entries.
+
+    With a reasoning vocabulary, the entropy over *text*: copies merged into their sources. Per id, splitting a
+    token's mass between it and its copy would add up to log 2 without changing the text, so only this figure is
+    comparable between a baseline run and a reasoning run (at step 0 they are equal)."""
+    if vocab is not None and vocab.size > 0:
+        p = vocab.text_probs(z.softmax(-1))  # (B, n_s)
+        return -(p * p.clamp_min(th.finfo(p.dtype).tiny).log()).sum(-1)  # 0 · log 0 = 0
     lse = z.logsumexp(-1, keepdim=True)
     p = (z - lse).exp()
     return (lse.squeeze(-1) - (p * z.masked_fill(z.isinf(), 0.0)).sum(-1)).float()
@@ -314,6 +338,79 @@ def kv_cache(out):
     return out.cache if "cache" in out else out.past_key_values
 
 
+def static_decoder(body, prompt_ids: th.Tensor, prompt_mask: th.Tensor, max_new_tokens: int, graph: bool):
+    """Prefill into a fixed-size KV cache, then return decode(tokens (B,), positions (B,), t) → hidden (B, H).
+
+    Every decode step then has the same shapes and buffer addresses: the cache holds P + max_new_tokens slots, a
+    (B, 1, 1, slots) boolean mask marks the slots each row attends (its prompt's real tokens, then one slot per step),
+    and the new token goes to slot P + t. With `graph` (CUDA), the step is captured once as a CUDA graph and replayed:
+    one launch instead of the ~20 kernel launches per layer that make small-batch decoding launch-bound. The price is
+    attention over all slots at every step, so it pays where launches, not KV reads, dominate (bench.py measures)."""
+    from transformers import StaticCache
+
+    if body.config._attn_implementation != "sdpa":
+        raise ValueError(
+            f"the static decoder passes a boolean SDPA mask; this model uses {body.config._attn_implementation!r}"
+        )
+    B, P = prompt_ids.shape
+    device, kw = prompt_ids.device, cache_keyword(body)
+    cache = StaticCache(config=body.config, max_cache_len=P + max_new_tokens)
+    for layer in cache.layers:
+        _values_keep_their_dtype(layer)
+    out = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask), use_cache=True,
+               **{kw: cache})  # fmt: skip
+    for layer in cache.layers:  # drop the shim: it refers to its layer, a cycle that would hold the cache until gc
+        vars(layer).pop("lazy_initialization", None)
+    attend = th.zeros(B, 1, 1, P + max_new_tokens, dtype=th.bool, device=device)  # (B, 1, 1, slots)
+    attend[:, 0, 0, :P] = prompt_mask.bool()
+    tok_in = th.zeros(B, 1, dtype=th.long, device=device)  # the step's inputs live in fixed buffers
+    pos_in = th.zeros(B, 1, dtype=th.long, device=device)
+
+    def step() -> th.Tensor:
+        out = body(input_ids=tok_in, attention_mask=attend, position_ids=pos_in, use_cache=True, **{kw: cache})
+        return out.last_hidden_state[:, -1]
+
+    captured: dict = {}
+
+    def decode(tokens: th.Tensor, pos: th.Tensor, t: int) -> th.Tensor:
+        tok_in.copy_(tokens[:, None])
+        pos_in.copy_(pos[:, None])
+        attend[:, 0, 0, P + t] = True
+        if not graph:
+            return step()
+        if "graph" not in captured:  # the first step runs eagerly (it warms up the kernels), the second is captured
+            if t == 0:
+                stream = th.cuda.Stream()
+                stream.wait_stream(th.cuda.current_stream())
+                with th.cuda.stream(stream):
+                    hidden = step()
+                th.cuda.current_stream().wait_stream(stream)
+                return hidden
+            g = th.cuda.CUDAGraph()
+            # Autocast's weight-cast cache must stay off while capturing; the captured casts read the live weights.
+            dtype, enabled = th.get_autocast_dtype("cuda"), th.is_autocast_enabled("cuda")
+            with th.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False), th.cuda.graph(g):
+                captured["hidden"] = step()
+            captured["graph"] = g
+        captured["graph"].replay()  # capture only records: the captured step runs here too
+        return captured["hidden"]
+
+    return out.last_hidden_state[:, -1], decode
+
+
+def _values_keep_their_dtype(layer) -> None:
+    """Some transformers 5.x static cache layers allocate values in the keys' dtype. Under bf16 autocast with fp32
+    weights the keys leave Qwen3's fp32 k_norm as fp32 while the values stay bf16, so re-allocate the values."""
+    init = layer.lazy_initialization
+
+    def lazy_initialization(key_states: th.Tensor, value_states: th.Tensor, *args, **kwargs) -> None:
+        init(key_states, value_states, *args, **kwargs)
+        if layer.values.dtype != value_states.dtype:
+            layer.values = th.zeros_like(layer.values, dtype=value_states.dtype)
+
+    layer.lazy_initialization = lazy_initialization
+
+
 @th.no_grad()
 def sample(
     model,
@@ -326,6 +423,7 @@ def sample(
     top_p: float = 1.0,
     generator: Generators = None,
     greedy: bool = False,
+    static_cache: bool = False,
     stop_check_every: int = 8,
     should_stop=None,
 ) -> Rollout:
@@ -333,27 +431,39 @@ def sample(
 
     Each row stops at its own EOS (an EOS inside a prompt does not count) or at max_new_tokens. The host reads the
     done flags only every `stop_check_every` steps; `should_stop()` (e.g. a preemption signal) is polled then too and
-    ends the rollout early (the caller discards it)."""
+    ends the rollout early (the caller discards it). `static_cache` decodes with `static_decoder` (a CUDA graph on
+    GPU); the tokens are the same either way."""
     device = next(model.parameters()).device
     body = model.base_model
     cache_kw = cache_keyword(body)
     prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, pad_id))
-    ids, mask = prompt_ids, prompt_mask
-    B = ids.shape[0]
+    B = prompt_ids.shape[0]
     eos = th.tensor(eos_ids, device=device)
     vocab = adjust.vocab if adjust.vocab is not None and adjust.vocab.size > 0 else None
     start_inside = vocab.prompt_inside(prompts).to(device) if vocab is not None else None
     inside = start_inside
 
-    out = body(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
-    cache, hidden = kv_cache(out), out.last_hidden_state[:, -1]  # (B, H)
-    next_pos = mask.sum(-1)  # (B,)
+    if static_cache:
+        hidden, decode = static_decoder(body, prompt_ids, prompt_mask, max_new_tokens, graph=device.type == "cuda")
+    else:  # the model's growing cache; the 2-D mask gains a column per step
+        out = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
+                   use_cache=True)  # fmt: skip
+        hidden, state = out.last_hidden_state[:, -1], {"cache": kv_cache(out), "mask": prompt_mask}
+
+        def decode(tokens: th.Tensor, pos: th.Tensor, t: int) -> th.Tensor:
+            state["mask"] = th.cat([state["mask"], th.ones_like(state["mask"][:, :1])], dim=1)
+            out = body(input_ids=tokens[:, None], attention_mask=state["mask"], position_ids=pos[:, None],
+                       use_cache=True, **{cache_kw: state["cache"]})  # fmt: skip
+            state["cache"] = kv_cache(out)
+            return out.last_hidden_state[:, -1]
+
+    next_pos = prompt_mask.sum(-1)  # (B,)
     done = th.zeros(B, dtype=th.bool, device=device)
     tokens, logps, ents, alive = [], [], [], []
     for t in range(max_new_tokens):
         z = adjust(lm_head_fp32(model, hidden), inside)  # (B, V)
         tok, lp = sample_tokens(z, top_p, generator, greedy)
-        ents.append(entropy_of(z))
+        ents.append(entropy_of(z, vocab))
         tok = tok.masked_fill(done, pad_id)
         tokens.append(tok)
         logps.append(lp)
@@ -365,15 +475,7 @@ def sample(
             break
         if (t + 1) % stop_check_every == 0 and (bool(done.all()) or (should_stop is not None and should_stop())):
             break
-        mask = th.cat([mask, th.ones_like(mask[:, :1])], dim=1)
-        out = body(
-            input_ids=tok[:, None],
-            attention_mask=mask,
-            position_ids=next_pos[:, None],
-            use_cache=True,
-            **{cache_kw: cache},
-        )
-        cache, hidden = kv_cache(out), out.last_hidden_state[:, -1]
+        hidden = decode(tok, next_pos, t)  # (B, H)
         next_pos = next_pos + 1
 
     completion_mask = th.stack(alive, 1).long()  # (B, T): alive before the token ⇒ the token (EOS included) counts
@@ -814,11 +916,14 @@ def sample_seed(seed: int, step: int, index: int, j: int) -> int:
 
 def train(cfg: Config, score_fn=None) -> Path:
     """Run GRPO as configured; returns the output directory (metrics.jsonl, samples.jsonl, config.json,
-    checkpoints/). Under torchrun each rank samples its own share of the prompts; rank 0 alone writes.
+    checkpoints/, eval/). Under torchrun each rank samples its own share of the prompts; rank 0 alone writes.
 
-    score_fn(completions, answers) → (rewards, accuracies) replaces the math verifier (default: reward.score)."""
+    score_fn(completions, answers) → (rewards, accuracies) replaces the math verifier (default: reward.score), in the
+    rollouts and in the periodic evaluation alike."""
     if cfg.prompts_per_step < 1 or cfg.group_size < 1:
         raise ValueError("prompts_per_step and group_size must be ≥ 1")
+    if cfg.eval_every < 0 or (cfg.eval_every > 0 and not cfg.eval_dataset):
+        raise ValueError(f"eval_every={cfg.eval_every}: must be ≥ 0, and > 0 needs eval_dataset (hub id or file)")
     device = setup_distributed(cfg)
     rank, world_size = world()
     main_rank = rank == 0
@@ -868,6 +973,22 @@ def train(cfg: Config, score_fn=None) -> Path:
         seed=cfg.seed,
         skip_bad_rows=cfg.skip_bad_rows,
     )
+    eval_examples = None
+    if cfg.eval_every > 0:
+        import evaluate  # here, not at the top: evaluate imports grpo, and `python grpo.py` runs this file as __main__
+
+        eval_examples = data.load_examples(
+            cfg.eval_dataset,
+            tokenizer,
+            split=cfg.eval_split or evaluate.default_split(cfg.eval_dataset),
+            system_prompt=cfg.system_prompt,
+            instruction=cfg.instruction,
+            enable_thinking=cfg.enable_thinking,
+            max_prompt_len=cfg.max_prompt_len,
+            max_samples=cfg.eval_max_problems,
+            seed=cfg.seed,
+            skip_bad_rows=cfg.skip_bad_rows,
+        )
     optimizer = th.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = th.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start_step = 0
@@ -900,6 +1021,31 @@ def train(cfg: Config, score_fn=None) -> Path:
 
         run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg), dir=output_dir)
 
+    def run_eval(at_step: int) -> dict:
+        """The current policy's eval_* metrics on eval_examples; rank 0 writes the records to eval/step_NNNNNN.jsonl.
+        Every rank calls it at the same points (it gathers); a preemption during it discards it ({})."""
+        t = time.perf_counter()
+        records, summary = evaluate.evaluate(
+            model, tokenizer, eval_examples, adjust, samples=cfg.eval_samples,
+            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, top_p=cfg.top_p,
+            batch_size=cfg.rollout_batch_size or len(eval_examples) * cfg.eval_samples, seed=cfg.seed,
+            autocast=autocast, static_cache=cfg.static_cache, score_fn=score_fn, should_stop=_preempted.is_set,
+        )  # fmt: skip
+        if preempted():
+            return {}
+        m = {**evaluate.training_metrics(summary), "eval_s": time.perf_counter() - t}
+        if main_rank:
+            evaluate.write_jsonl(output_dir / "eval" / f"step_{at_step:06d}.jsonl", records)
+            k = cfg.eval_samples
+            print(f"eval {at_step:>4}/{cfg.steps} | acc {m['eval_accuracy']:.3f} | pass@{k} {m[f'eval_pass@{k}']:.3f} | "
+                  f"len {m['eval_len']:.0f} | truncated {m['eval_truncated']:.3f} | {m['eval_s']:.1f}s", flush=True)  # fmt: skip
+        return m
+
+    if eval_examples is not None and resume_from is None:  # the starting point, in a line of its own
+        m = {"step": 0, **run_eval(0)}
+        if main_rank and len(m) > 1:
+            log_step(output_dir, m, cfg, run)
+
     step = start_step
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -928,6 +1074,7 @@ def train(cfg: Config, score_fn=None) -> Path:
                     pad_id=tokenizer.pad_token_id,
                     top_p=cfg.top_p,
                     generator=generators[s : s + chunk],
+                    static_cache=cfg.static_cache,
                     should_stop=_preempted.is_set,
                 )  # fmt: skip
                 for s in range(0, len(prompts), chunk)
@@ -985,6 +1132,8 @@ def train(cfg: Config, score_fn=None) -> Path:
                      think_len=float(summed[2]) / world_size)  # fmt: skip
             if cfg.sample_every and step % cfg.sample_every == 0:
                 m.update(rvocab.embed_drift(model, vocab))
+        if eval_examples is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            m.update(run_eval(step))
         if main_rank:
             log_step(output_dir, m, cfg, run)
             if cfg.sample_every and step % cfg.sample_every == 0:
@@ -1046,12 +1195,14 @@ def step_metrics(step: int, r: Rollout, rewards: th.Tensor, accuracy: list[float
 def log_step(output_dir: Path, m: dict, cfg: Config, run) -> None:
     with (output_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(m) + "\n")
-    print(
-        f"step {m['step']:>4}/{cfg.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
-        f"len {m['completion_len']:.0f} | kl {m['kl']:.4f} | ent {m['entropy']:.2f} | "
-        f"{m['rollout_s']:.1f}s+{m['update_s']:.1f}s" + (" | SKIPPED non-finite update" if m["skipped_update"] else ""),
-        flush=True,
-    )
+    if "reward" in m:  # the step-0 line holds only the evaluation (printed by itself)
+        print(
+            f"step {m['step']:>4}/{cfg.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
+            f"len {m['completion_len']:.0f} | kl {m['kl']:.4f} | ent {m['entropy']:.2f} | "
+            f"{m['rollout_s']:.1f}s+{m['update_s']:.1f}s"
+            + (" | SKIPPED non-finite update" if m["skipped_update"] else ""),
+            flush=True,
+        )
     if run is not None:
         run.log(m, step=m["step"])
 

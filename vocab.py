@@ -167,6 +167,12 @@ class ReasoningVocab:
         src = self._source_on(ids.device)[(ids - n_s).clamp(min=0)]
         return th.where(ids >= n_s, src, ids)
 
+    def text_probs(self, probs: th.Tensor) -> th.Tensor:
+        """(..., n_s + n_r) probabilities → (..., n_s): each copy's mass added to its source's, the distribution over
+        text (what the reward reads)."""
+        n_s = self.standard_size
+        return probs[..., :n_s].index_add(-1, self._source_on(probs.device), probs[..., n_s:])
+
     def multiplicity(self, ids: th.Tensor) -> th.Tensor:
         """0 for standard ids, k for the k-th copy of a token (ordered by reasoning id); for viewers."""
         if "rank" not in self._cache:

@@ -206,6 +206,19 @@ def test_sampler_logprobs_equal_training_logprobs():
     assert (r.logp[r.completion_mask.bool()] < 0).all()
 
 
+def test_static_cache_decoder_samples_the_same_tokens():
+    model = tiny_model(64)
+    adjust = plain_adjust(64, num_tokens=60)
+    adjust.bias[1] += 3.0  # EOS is likely: rows stop at different steps
+    kw = dict(max_new_tokens=20, eos_ids=[1], pad_id=0)
+    dynamic = grpo.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(5), **kw)
+    static = grpo.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(5), static_cache=True, **kw)
+    assert len(set(dynamic.completion_mask.sum(-1).tolist())) > 1  # left padding and early stops are exercised
+    assert th.equal(static.completion_ids, dynamic.completion_ids)
+    assert th.equal(static.completion_mask, dynamic.completion_mask)
+    assert (static.logp - dynamic.logp).abs().max() < 1e-5
+
+
 def test_sampler_stops_rows_independently_and_masks_up_to_eos():
     model = tiny_model(16)
     adjust = plain_adjust(16, temperature=3.0)  # flat: EOS (id 1) comes early for some rows

@@ -101,3 +101,14 @@ def test_resume_with_reasoning_vocab_gives_identical_weights(tmp_path, tiny_mode
     assert all(th.equal(w_a[k], w_b[k]) for k in w_a)
     assert rvocab.load(grpo.checkpoint_dirs(resumed)[-1]).size == 50
     assert not math.isnan(json.loads((resumed / "metrics.jsonl").read_text().splitlines()[-1])["reasoning_frac"])
+
+
+def test_entropy_over_text_equals_the_base_models_at_step_0():
+    th.manual_seed(0)
+    n_s, src = 50, th.tensor([3, 3, 7, 10, 11, 12, 30])  # token 3 copied twice
+    vocab = rvocab.ReasoningVocab(n_s, src, think_id=0, end_think_id=1)
+    base = th.randn(4, n_s) * 3  # (B, n_s) the base model's logits
+    expanded = vocab.adjust_logits(th.cat([base, base[:, src]], -1), th.ones(4, dtype=th.bool))
+    text_entropy = grpo.entropy_of(expanded, vocab)
+    assert th.allclose(text_entropy, grpo.entropy_of(base), atol=1e-5)
+    assert (grpo.entropy_of(expanded) > text_entropy + 1e-3).all()  # per id, the copies' split would inflate it

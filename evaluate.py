@@ -1,0 +1,353 @@
+"""Held-out evaluation with the training sampler, masks and reward, so that its numbers compare with training's.
+
+Each problem is sampled k times exactly as a GRPO rollout samples it (`grpo.sample` with the policy's `LogitAdjust`:
+temperature, padding rows, the reasoning-vocabulary gate and offset), decoded with reasoning ids mapped back to their
+source tokens, and scored by the training reward's accuracy (`reward.score`, after the `<think>` a prompt opened).
+For a problem with n samples of which c are correct:
+
+    pass@1 = c / n                                   mean over the k samples (then over problems)
+    pass@k = 1 − C(n − c, k) / C(n, k)               unbiased estimate of P(≥ 1 of k samples correct), Chen et al. 2021
+    reasoning share = Σ reasoning ids inside think / Σ tokens inside think      (over all completions)
+
+Every figure is the mean over problems (pass@k) or over completions (mean length, truncation rate). Sample j of
+dataset row i is drawn with its own generator seeded by (seed, i, j), so results do not depend on the batch size or
+the number of ranks, and every evaluation during a training run sees the same noise (differences are the model's).
+
+    python evaluate.py --model runs/rv/checkpoints/step_000100 --datasets HuggingFaceH4/MATH-500 aime.jsonl --samples 8
+    torchrun --nproc_per_node 4 evaluate.py --model Qwen/Qwen3-0.6B --samples 16     # problems sharded over ranks
+
+writes <output_dir>/<dataset>.jsonl (one line per problem: its completions, extracted answers, correctness, lengths),
+<output_dir>/summary.json ({dataset: summary}) and eval_config.json, and prints a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch as th
+import torch.distributed as dist
+import tyro
+
+import data
+import grpo
+import reward
+import vocab as rvocab
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021):
+
+        pass@k = 1 − C(n − c, k) / C(n, k) = 1 − ∏_{i = n − c + 1}^{n} (1 − k / i)
+
+    The product form avoids the huge binomials; it is 1 when n − c < k (every k-subset holds a correct sample)."""
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (n, c, k)):
+        raise ValueError(f"pass_at_k needs integers, got n={n!r}, c={c!r}, k={k!r}")
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k needs n ≥ 1 samples and 0 ≤ c ≤ n correct, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 1 ≤ k ≤ n (k of the n samples), got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def pass_ks(samples: int) -> list[int]:
+    """The k reported for `samples` samples per problem: powers of 2 up to it, and `samples` itself."""
+    return sorted({2**i for i in range(samples.bit_length()) if 2**i <= samples} | {samples})
+
+
+def summarize(records: list[dict], samples: int) -> dict:
+    """The summary of per-problem records (see `evaluate`): pass@k for k in pass_ks(samples), mean completion length
+    (tokens, EOS included), truncation rate, and the reasoning share (None without a reasoning vocabulary)."""
+    if not records:
+        raise ValueError("summarize: no records")
+    correct = [sum(rec["correct"]) for rec in records]
+    lengths = [n for rec in records for n in rec["lengths"]]
+    truncated = [t for rec in records for t in rec["truncated"]]
+    summary = {"num_problems": len(records), "samples": samples}
+    for k in pass_ks(samples):
+        summary[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in correct) / len(records)
+    summary["mean_length"] = sum(lengths) / len(lengths)
+    summary["truncation_rate"] = sum(truncated) / len(truncated)
+    summary["reasoning_share"] = None
+    if "think_tokens" in records[0]:  # as vocab.ReasoningVocab.stats: 0 when no token was inside think
+        think = sum(n for rec in records for n in rec["think_tokens"])
+        summary["reasoning_share"] = sum(n for rec in records for n in rec["reasoning_tokens"]) / max(think, 1)
+    return summary
+
+
+@th.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[data.Example],
+    adjust: grpo.LogitAdjust,
+    *,
+    samples: int,
+    max_new_tokens: int,
+    greedy: bool = False,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    autocast: bool = False,
+    static_cache: bool = False,
+    score_fn=None,
+    should_stop=None,
+) -> tuple[list[dict], dict]:
+    """Sample every example `samples` times with the policy `adjust` (its vocab is the reasoning vocabulary, if any)
+    and score the completions; returns (records, summary), the same on every rank.
+
+    Under torch.distributed rank r samples examples[r::world] and the records are gathered. One record per example,
+    sorted by dataset index: index, problem, gold, opens_think (the prompt opened a think block, so the reward saw
+    "<think>" + completion), completions (text, reasoning ids mapped to their sources), answers (the last boxed answer
+    after </think>, or None), correct, lengths (tokens, EOS included), truncated (no EOS within max_new_tokens), and
+    with a reasoning vocabulary think_tokens and reasoning_tokens (reasoning ids among them). The summary is
+    `summarize(records, samples)`. score_fn(completions, answers) → (rewards, accuracies) replaces reward.score; a
+    completion is correct when its accuracy is 1. static_cache and should_stop() go to grpo.sample."""
+    if samples < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"need samples, batch_size, max_new_tokens ≥ 1, got {samples}, {batch_size}, {max_new_tokens}")
+    if not examples:
+        raise ValueError("evaluate: no examples")
+    rank, world_size = grpo.world()
+    device = next(model.parameters()).device
+    vocab = adjust.vocab if adjust.vocab is not None and adjust.vocab.size > 0 else None
+    eos_ids = grpo.eos_token_ids(model, tokenizer)
+    tags = rvocab.think_tag_ids(tokenizer)  # (<think>, </think>) ids, or None
+    mine = examples[rank::world_size]
+    jobs = [(ex, j) for ex in mine for j in range(samples)]  # a problem's samples are consecutive
+
+    texts, lengths, truncated, think_tokens, reasoning_tokens = [], [], [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(jobs), batch_size):
+            part = jobs[s : s + batch_size]
+            generators = [th.Generator(device=device).manual_seed(grpo.sample_seed(seed, 0, ex.index, j))
+                          for ex, j in part]  # fmt: skip
+            with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
+                r = grpo.sample(model, [ex.prompt_ids for ex, _ in part], adjust, max_new_tokens=max_new_tokens,
+                                eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, top_p=top_p, generator=generators,
+                                greedy=greedy, static_cache=static_cache, should_stop=should_stop)  # fmt: skip
+            ids, mask = r.completion_ids.cpu(), r.completion_mask.cpu()  # (B, T)
+            texts += [grpo.decode(tokenizer, vocab, row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
+            lengths += mask.sum(-1).tolist()
+            truncated += r.truncated.cpu().tolist()
+            inside = adjust.inside(ids, r.start_inside.cpu() if r.start_inside is not None else None)  # (B, T) | None
+            if inside is not None:
+                think = mask.bool() & inside
+                think_tokens += think.sum(-1).tolist()
+                reasoning_tokens += (think & (ids >= vocab.standard_size)).sum(-1).tolist()
+    finally:
+        model.train(was_training)
+
+    # The reward sees the think block a prompt opened (as in grpo.train): a box inside it is not an answer.
+    opens = [tags is not None and rvocab.opens_think(ex.prompt_ids, *tags) for ex in mine]
+    scored = [rvocab.THINK + t if opens[i // samples] else t for i, t in enumerate(texts)]
+    golds = [ex.answer for ex, _ in jobs]
+    accuracy = (score_fn or reward.score)(scored, golds)[1]
+    records = []
+    for p, ex in enumerate(mine):
+        at = slice(p * samples, (p + 1) * samples)
+        rec = {
+            "index": ex.index,
+            "problem": ex.problem,
+            "gold": ex.answer,
+            "opens_think": opens[p],
+            "completions": texts[at],
+            "answers": [reward.extract_boxed(reward.answer_part(t)) for t in scored[at]],
+            "correct": [float(a) == 1.0 for a in accuracy[at]],
+            "lengths": lengths[at],
+            "truncated": truncated[at],
+        }
+        if vocab is not None:
+            rec.update(think_tokens=think_tokens[at], reasoning_tokens=reasoning_tokens[at])
+        records.append(rec)
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, records)
+        records = [rec for part in gathered for rec in part]
+    records.sort(key=lambda rec: rec["index"])
+    return records, summarize(records, samples)
+
+
+def training_metrics(summary: dict) -> dict[str, float]:
+    """The eval_* keys a training run logs: eval_accuracy (pass@1), eval_pass@k (k = samples), eval_len,
+    eval_truncated and, with a reasoning vocabulary, eval_reasoning_share."""
+    k = summary["samples"]
+    m = {
+        "eval_accuracy": summary["pass@1"],
+        f"eval_pass@{k}": summary[f"pass@{k}"],
+        "eval_len": summary["mean_length"],
+        "eval_truncated": summary["truncation_rate"],
+    }
+    if summary["reasoning_share"] is not None:
+        m["eval_reasoning_share"] = summary["reasoning_share"]
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files and the command line
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object per line, written to a temporary file and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def dataset_name(source: str) -> str:
+    """File name (without .jsonl) of a dataset's records: a local file's stem; a hub id with '/' and ':' as '_'."""
+    if Path(source).suffix in LOCAL_SUFFIXES:
+        return Path(source).stem
+    return re.sub(r"[^A-Za-z0-9._-]", "_", source)
+
+
+def default_split(source: str) -> str:
+    """'test' for a hub id; a local file is one split, which datasets calls 'train' (so is 'arithmetic')."""
+    return "train" if Path(source).suffix in LOCAL_SUFFIXES or source == "arithmetic" else "test"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation options. Prompt options default to grpo.Config's, so a run is evaluated on the prompts it saw."""
+
+    model: str
+    """Checkpoint directory (its reasoning vocabulary is loaded with it), hub id, or .gguf file."""
+    datasets: tuple[str, ...] = ("HuggingFaceH4/MATH-500",)
+    """Hub ids and/or local .json/.jsonl/.parquet files (data.py detects the fields)."""
+    split: str | None = None
+    """Dataset split; default 'test' for hub ids and the whole file for local files."""
+    prompt_field: str | None = None
+    """Override the auto-detected problem field (every dataset)."""
+    answer_field: str | None = None
+    """Override the auto-detected answer field (every dataset)."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows instead of raising."""
+    max_problems: int | None = None
+    """Evaluate a seeded random subset of this many problems per dataset."""
+    system_prompt: str | None = None
+    """Optional system message."""
+    instruction: str = data.DEFAULT_INSTRUCTION
+    """Appended to each problem."""
+    enable_thinking: bool = True
+    """Open a think block in the prompt where the chat template supports it."""
+    max_prompt_len: int = 1024
+    """Prompts longer than this (tokens) are dropped and counted."""
+
+    samples: int = 4
+    """Completions per problem (k); pass@1 is their mean."""
+    greedy: bool = False
+    """Argmax decoding instead of sampling (the k samples are then identical)."""
+    temperature: float = 0.6
+    """Sampling temperature, as in training."""
+    top_p: float = 1.0
+    """Nucleus sampling, as in training."""
+    max_new_tokens: int = 8192
+    """Completion length limit; longer completions are truncated (counted in truncation_rate)."""
+    batch_size: int = 64
+    """Sequences sampled together (memory); results do not depend on it."""
+    static_cache: bool = False
+    """Decode with a fixed-size KV cache (a CUDA graph on GPU), as grpo.Config.static_cache."""
+    seed: int = 0
+    """Seed of the samples and of the max_problems subset."""
+
+    output_dir: str = "runs/eval"
+    """<dataset>.jsonl per dataset, summary.json, eval_config.json."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cuda', 'cpu'."""
+    bf16: bool = True
+    """bf16 autocast for the decoder body on GPU (log-probs and logits fp32), as in training."""
+
+
+def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
+    """Evaluate cfg.model on each of cfg.datasets; returns {dataset: summary} and (rank 0) writes the files."""
+    if cfg.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use --greedy for argmax decoding), got {cfg.temperature}")
+    names = [dataset_name(d) for d in cfg.datasets]
+    if not names:
+        raise ValueError("no datasets to evaluate")
+    if len(set(names)) < len(names):
+        raise ValueError(f"datasets {list(cfg.datasets)} would share an output file name: {names}")
+    device = grpo.setup_distributed(grpo.Config(device=cfg.device))  # it reads only the device
+    rank, world_size = grpo.world()
+    autocast = device.type == "cuda" and cfg.bf16
+    model, tokenizer = grpo.load_model_and_tokenizer(cfg.model, device)
+    vocab = rvocab.load(cfg.model) if Path(cfg.model).is_dir() else rvocab.load(model)
+    rows = model.get_input_embeddings().weight.shape[0]
+    standard_size = vocab.standard_size if vocab is not None else rows
+    adjust = grpo.LogitAdjust(cfg.temperature, grpo.padding_bias(rows, len(tokenizer), standard_size).to(device), vocab)
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        write_json(out / "eval_config.json", dataclasses.asdict(cfg))
+
+    summaries = {}
+    for source, name in zip(cfg.datasets, names, strict=True):
+        examples = data.load_examples(
+            source,
+            tokenizer,
+            split=cfg.split or default_split(source),
+            prompt_field=cfg.prompt_field,
+            answer_field=cfg.answer_field,
+            system_prompt=cfg.system_prompt,
+            instruction=cfg.instruction,
+            enable_thinking=cfg.enable_thinking,
+            max_prompt_len=cfg.max_prompt_len,
+            max_samples=cfg.max_problems,
+            seed=cfg.seed,
+            skip_bad_rows=cfg.skip_bad_rows,
+        )
+        if rank == 0:
+            print(f"[eval] {source}: {len(examples)} problems × {cfg.samples} on {world_size} rank(s)", flush=True)
+        t0 = time.perf_counter()
+        records, summaries[source] = evaluate(model, tokenizer, examples, adjust, samples=cfg.samples,
+                                              max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy, top_p=cfg.top_p,
+                                              batch_size=cfg.batch_size, seed=cfg.seed, autocast=autocast,
+                                              static_cache=cfg.static_cache)  # fmt: skip
+        if rank == 0:  # after every dataset, so that a crash keeps the finished ones
+            write_jsonl(out / f"{name}.jsonl", records)
+            write_json(out / "summary.json", summaries)
+            print(f"[eval] {source}: done in {time.perf_counter() - t0:.1f}s → {out / name}.jsonl", flush=True)
+    if rank == 0:
+        print(format_table(summaries), flush=True)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return summaries
+
+
+def format_table(summaries: dict[str, dict]) -> str:
+    """A Markdown table: dataset | problems | pass@1 | pass@k | mean len | truncated | reasoning share."""
+    lines = ["| dataset | problems | pass@1 | pass@k | mean len | truncated | reasoning share |", "|---" * 7 + "|"]
+    for source, s in summaries.items():
+        k = s["samples"]
+        share = "—" if s["reasoning_share"] is None else f"{s['reasoning_share']:.3f}"
+        lines.append(f"| {source} | {s['num_problems']} | {s['pass@1']:.3f} | {s[f'pass@{k}']:.3f} (k={k}) | "
+                     f"{s['mean_length']:.0f} | {s['truncation_rate']:.3f} | {share} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Parse the command line (default: sys.argv[1:]) and evaluate; returns {dataset: summary}."""
+    return evaluate_datasets(tyro.cli(EvalConfig, args=argv))
+
+
+if __name__ == "__main__":
+    main()
