@@ -1,13 +1,16 @@
 """Speed and memory benchmarks of the trainer, each a ratio measured side by side in one run (issue 6).
 
-    uv run --extra demo python bench.py                 # prints the table (CPU, ~7 minutes on 2 cores)
-    uv run --extra demo python bench.py --json out.json # also writes the figures
+    uv run --extra demo --extra bench python bench.py   # prints the table (CPU, ~8 minutes on 2 cores)
+    uv run --extra demo --extra bench python bench.py --json out.json   # also writes the figures
+    python bench.py --device cuda [--json out.json]     # the GPU sections (a few minutes)
 
 Keys: `logprob_mem_ratio` (chunked log-prob + loss forward/backward peak memory ÷ a naive full log_softmax),
 `mask_overhead` and `mask_speedup_vs_text_processor` (the reasoning-vocabulary gate), `rollout_speedup_vs_hf`
-(`grpo.sample` ÷ HF `generate`), and `update_scaling` (one `grpo.update` against completion length). Memory is the
-peak resident set (`ru_maxrss`) of a fresh subprocess minus its resident set just before the measured computation.
-Not done yet: `step_speedup_vs_trl` and `--device cuda`.
+(`grpo.sample` ÷ HF `generate`), `step_speedup_vs_trl` (one GRPO step ÷ TRL's GRPOTrainer's, bench_trl.py) and
+`update_scaling` (one `grpo.update` against completion length and group size). On CPU, memory is the peak resident
+set (`ru_maxrss`) of a fresh subprocess minus its resident set just before the measured computation; on GPU, the
+peak allocated memory. `--device cuda` measures the same ratios on a Qwen3-0.6B-shaped model and the largest
+rollout batch for 8,192-token completions with the vocabulary doubled.
 """
 
 from __future__ import annotations
@@ -439,7 +442,27 @@ def bench_update_scaling(lengths=(256, 1024, 4096), groups=(2, 4, 8, 16), group_
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 5. On a GPU (--device cuda): the same ratios on a Qwen3-0.6B-shaped model, and long rollouts at full vocabulary
+# 5. One GRPO step against TRL's GRPOTrainer (bench_trl.py; the optional extra `bench`)
+
+
+def child_trl() -> dict:
+    import bench_trl
+
+    th.set_num_threads(2)
+    r = bench_trl.run()
+    return {k: v for k, v in r.items() if k not in ("all_steps_cpu_s",)}
+
+
+def bench_trl() -> dict | None:
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None or not QWEN3_TOKENIZER.exists():
+        return None
+    return in_child("trl")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. On a GPU (--device cuda): the same ratios on a Qwen3-0.6B-shaped model, and long rollouts at full vocabulary
 
 # Peak HBM bandwidth (bytes/s) by device name, from the vendors' data sheets; the bench also measures a copy.
 HBM_PEAK = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.039e12,
@@ -718,8 +741,8 @@ TARGETS = {  # key: (comparison, target)
     "mask_overhead": ("<=", 0.05),
     "mask_speedup_vs_text_processor": (">=", 50.0),
     "rollout_speedup_vs_hf": (">=", 3.0),
+    "step_speedup_vs_trl": (">=", 2.0),
 }
-NOT_DONE = ["step_speedup_vs_trl (TRL comparison): not done yet", "--device cuda: not done yet"]
 
 
 def met(key: str, value) -> str:
@@ -779,8 +802,16 @@ def report(results: dict) -> str:
                 f" | B = {r['B']}, P = {r['P']}, {r['N']} new tokens, V = {r['V']:,}: {r['ours_tok_s']:.0f} vs "
                 f"{r['hf_tok_s']:.0f} tokens/s |"
             )
-    for item in NOT_DONE:
-        lines.append(f"| {item.split(' ')[0]} | — | not done | {item} |")
+    tr = results.get("trl")
+    if tr:
+        v = tr["step_speedup_vs_trl"]
+        lines.append(
+            f"| step_speedup_vs_trl | {v:.2f} | {met('step_speedup_vs_trl', v)} | {tr['model']}; {tr['setting']}: TRL "
+            f"{tr['trl_step_s']:.1f} s (rollout {tr['trl']['rollout_s']:.1f} + update {tr['trl']['update_s']:.1f}) vs "
+            f"{tr['ours_step_s']:.1f} s (rollout {tr['ours']['rollout_s']:.1f} + update {tr['ours']['update_s']:.1f}) |"
+        )
+    elif "trl" in results:
+        lines.append("| step_speedup_vs_trl | — | skipped | needs the `bench` extra (TRL) and the Qwen3 tokenizer |")
     sc = results.get("update_scaling")
     if sc:
         chunk = grpo.Config().logprob_chunk
@@ -933,7 +964,7 @@ def main(argv: list[str] | None = None) -> dict:
         th.set_num_threads(2)
         spec = json.loads(args.child)
         task = spec.pop("task")
-        fn = {"logprob_memory": child_logprob_memory, "update": child_update}[task]
+        fn = {"logprob_memory": child_logprob_memory, "update": child_update, "trl": child_trl}[task]
         print(json.dumps(fn(**spec)))
         return {}
 
@@ -957,6 +988,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("mask_vs_text", bench_mask_vs_text),
         ("rollout", bench_rollouts),
         ("update_scaling", bench_update_scaling),
+        ("trl", bench_trl),
     ]
     for name, fn in sections:
         t = time.perf_counter()
@@ -970,9 +1002,8 @@ def main(argv: list[str] | None = None) -> dict:
         "mask_overhead": mo["mask_overhead"] if mo else None,
         "mask_speedup_vs_text_processor": mt["mask_speedup_vs_text_processor"] if mt else None,
         "rollout_speedup_vs_hf": min(speedups) if speedups else None,  # the worse of the two models
-        "step_speedup_vs_trl": None,
+        "step_speedup_vs_trl": results["trl"]["step_speedup_vs_trl"] if results.get("trl") else None,
     }
-    results["not_done"] = NOT_DONE
     print(report(results))
     print(f"\ntotal {results['seconds']:.0f} s")
     if args.json:

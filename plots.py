@@ -7,9 +7,8 @@ A run directory is grpo.train's output_dir (config.json, metrics.jsonl, samples.
   (pass@1) and `eval_pass@k` as markers when logged;
 - reasoning_share.png: the share of think tokens that are reasoning ids over steps, `eval_reasoning_share` as markers
   (reasoning runs);
-- entropy.png: the policy's entropy per completion token over steps, `text_entropy` (copies merged into their
-  sources) when logged: per-id entropy counts a token and its m_s copies apart, up to log(1 + m_s) higher for the
-  same text, so only the text entropy compares a reasoning run with a baseline (per id is drawn dotted beside it);
+- entropy.png: the policy's entropy per completion token over steps; the trainer logs it over text (copies merged
+  into their sources, see grpo.entropy_of), so a reasoning run and a baseline compare directly;
 - drift.png and drift.json: how far each copy moved from its source at the latest checkpoint,
   d_i = ‖W[n_s + i] − W[s_i]‖₂ for reasoning id n_s + i copying standard id s_i, for every weight matrix with one row
   per id (the input embedding; the output layer too when untied): histogram, the copies that moved most, and the
@@ -217,28 +216,17 @@ def plot_reasoning_share(runs: dict[str, list[dict]], out: Path) -> Path | None:
 
 
 def plot_entropy(runs: dict[str, list[dict]], out: Path) -> Path | None:
-    """entropy.png: text_entropy (else entropy) of each run over steps on one axis; per-id entropy dotted beside it."""
-    if not any(series(m, "entropy")[0] or series(m, "text_entropy")[0] for m in runs.values()):
+    """entropy.png: the entropy (over text) of each run over steps, on one axis."""
+    if not any(series(m, "entropy")[0] for m in runs.values()):
         note("skip entropy.png: no entropy in metrics.jsonl")
         return None
     fig = figure_class()(figsize=(8, 4.6), layout="constrained")
     ax = fig.subplots()
     window = smoothing_window(max(len(m) for m in runs.values()))
-    per_id = False
     for i, metrics in enumerate(runs.values()):
-        text_steps, text_values = series(metrics, "text_entropy")
-        if text_steps:
-            curve(ax, text_steps, text_values, f"C{i}", window)
-            if any("reasoning_frac" in m for m in metrics):  # per id differs from text only with copies
-                curve(ax, *series(metrics, "entropy"), f"C{i}", window, style=":")
-                per_id = True
-        else:
-            curve(ax, *series(metrics, "entropy"), f"C{i}", window)
-    ax.set(title="Policy entropy per completion token", xlabel="step", ylabel="entropy (nats)")
+        curve(ax, *series(metrics, "entropy"), f"C{i}", window)
+    ax.set(title="Policy entropy per completion token (over text)", xlabel="step", ylabel="entropy (nats)")
     legends(fig, {label: f"C{i}" for i, label in enumerate(runs)}, window)
-    if per_id:
-        styles = {"over text (copies merged)": {"ls": "-"}, "per id (copies apart)": {"ls": ":"}}
-        ax.legend(*legend_handles(styles), loc="best")
     return save(fig, out / "entropy.png")
 
 

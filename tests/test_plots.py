@@ -140,7 +140,7 @@ def test_series_keeps_only_lines_with_the_key():
     ]
     assert plots.series(metrics, "reward") == ([1, 2], [0.1, 0.3])
     assert plots.series(metrics, "eval_accuracy") == ([0], [0.5])
-    assert plots.series(metrics, "text_entropy") == ([], [])
+    assert plots.series(metrics, "entropy") == ([1], [2.0])
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, monkeypatch):
