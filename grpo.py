@@ -203,6 +203,9 @@ PRESETS = {
         steps=12,
         save_every=6,
         sample_every=4,
+        eval_every=6,  # at steps 0, 6 and 12 on 16 problems of the same generator (not held out: a + b ≤ 20 + 20)
+        eval_dataset="arithmetic",
+        eval_max_problems=16,
         output_dir="runs/demo",
     ),
 }
