@@ -17,26 +17,15 @@ CPU hits both alike.
 
 from __future__ import annotations
 
-import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-for _name, _value in [
-    ("HF_HUB_OFFLINE", "1"),
-    ("HF_DATASETS_OFFLINE", "1"),
-    ("TRANSFORMERS_OFFLINE", "1"),
-    ("WANDB_MODE", "disabled"),
-    ("TOKENIZERS_PARALLELISM", "false"),
-]:
-    os.environ.setdefault(_name, _value)
+import torch as th
 
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch as th  # noqa: E402
-
-import grpo  # noqa: E402
+import grpo
 
 
 def save_random_qwen3(model_dir: str | Path, hidden: int = 128, layers: int = 2) -> Path:
