@@ -577,10 +577,10 @@ def gpu_logprob_memory(model, T: int = 2048) -> dict:
         model.zero_grad(set_to_none=True)
 
     model.train()
-    model.gradient_checkpointing_enable()  # as at long T: the body's activations then stay small beside the head's
+    grpo.decoder_checkpointing(model, True)  # as at long T: the body's activations then stay small beside the head's
     run(256)  # warm-up
     naive, chunked = cuda_peak_gib(lambda: run(None)), cuda_peak_gib(lambda: run(grpo.Config().logprob_chunk))
-    model.gradient_checkpointing_disable()
+    grpo.decoder_checkpointing(model, False)
     model.eval()
     return {
         "T": T,
@@ -686,7 +686,7 @@ def gpu_update(model, lengths=(1024, 4096, 8192), groups=(4, 8, 16), group_T: in
     adjust = qwen3_adjust(DOUBLED, doubled_vocab())
     adjust.bias = adjust.bias.to(DEV)
     model.train()
-    model.gradient_checkpointing_enable()
+    grpo.decoder_checkpointing(model, True)
     opt = th.optim.AdamW(model.parameters(), lr=1e-6)
 
     def one(G: int, T: int) -> dict:
@@ -703,7 +703,7 @@ def gpu_update(model, lengths=(1024, 4096, 8192), groups=(4, 8, 16), group_T: in
 
     one(1, 256)  # warm-up; allocates AdamW's state, which then counts in the baseline
     out = {"length": [one(1, T) for T in lengths], "group": [one(G, group_T) for G in groups]}
-    model.gradient_checkpointing_disable()
+    grpo.decoder_checkpointing(model, False)
     model.eval()
     return out
 

@@ -875,6 +875,12 @@ def lr_lambda(cfg: Config):
     return factor
 
 
+def decoder_checkpointing(model, on: bool) -> None:
+    """Recompute the decoder layers in backward (memory) or not; transformers renamed the switch during 5.x."""
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{name}_checkpointing_{'enable' if on else 'disable'}")()
+
+
 def pick_device(name: str) -> th.device:
     if name == "auto":
         return th.device("cuda" if th.cuda.is_available() else "cpu")
@@ -950,7 +956,7 @@ def train(cfg: Config, score_fn=None) -> Path:
     if vocab is None and cfg.reasoning_vocab_size != 0:
         vocab = rvocab.add_reasoning_vocab(model, tokenizer, cfg.reasoning_vocab_size, offset=cfg.reasoning_offset)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        decoder_checkpointing(model, True)
     rows = model.get_input_embeddings().weight.shape[0]
     standard_size = vocab.standard_size if vocab is not None else rows
     adjust = LogitAdjust(cfg.temperature, padding_bias(rows, len(tokenizer), standard_size).to(device), vocab)

@@ -298,6 +298,22 @@ def test_gradient_same_for_1_or_4_micro_batches(loss_type):
     assert (weights[0] - weights[1]).abs().max() < 1e-6
 
 
+def test_decoder_checkpointing_gives_the_same_update():
+    adjust = plain_adjust(32, temperature=1.5)
+    r = _rollout(tiny_model(32), adjust)
+    adv = th.linspace(-1, 1, 8)
+    weights = []
+    for on in (False, True):
+        m = tiny_model(32).train()
+        grpo.decoder_checkpointing(m, on)
+        assert m.model.gradient_checkpointing is on
+        opt = th.optim.SGD(m.parameters(), lr=0.1)
+        cfg = tiny_cfg(micro_batch_size=4, max_new_tokens=9)
+        grpo.update(m, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None, cfg=cfg)
+        weights.append(th.cat([p.detach().flatten() for p in m.parameters()]))
+    assert (weights[0] - weights[1]).abs().max() < 1e-6
+
+
 def test_non_finite_loss_skips_the_update():
     adjust = plain_adjust(32)
     model = tiny_model(32)
