@@ -147,9 +147,9 @@ def evaluate(
     finally:
         model.train(was_training)
 
-    # The reward sees the think block a prompt opened (as in grpo.train): a box inside it is not an answer.
+    # The reward sees the think block a prompt opened, exactly as in grpo.train.
     opens = [tags is not None and rvocab.opens_think(ex.prompt_ids, *tags) for ex in mine]
-    scored = [rvocab.THINK + t if opens[i // samples] else t for i, t in enumerate(texts)]
+    scored = grpo.reward_texts(texts, [opens[i // samples] for i in range(len(texts))])
     golds = [ex.answer for ex, _ in jobs]
     accuracy = (score_fn or reward.score)(scored, golds)[1]
     records = []
@@ -292,9 +292,7 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
     autocast = device.type == "cuda" and cfg.bf16
     model, tokenizer = grpo.load_model_and_tokenizer(cfg.model, device)
     vocab = rvocab.load(cfg.model) if Path(cfg.model).is_dir() else rvocab.load(model)
-    rows = model.get_input_embeddings().weight.shape[0]
-    standard_size = vocab.standard_size if vocab is not None else rows
-    adjust = grpo.LogitAdjust(cfg.temperature, grpo.padding_bias(rows, len(tokenizer), standard_size).to(device), vocab)
+    adjust = grpo.model_adjust(model, tokenizer, vocab, cfg.temperature)
     out = Path(cfg.output_dir)
     if rank == 0:
         write_json(out / "eval_config.json", dataclasses.asdict(cfg))

@@ -246,6 +246,14 @@ def padding_bias(num_rows: int, num_tokens: int, standard_size: int) -> th.Tenso
     return bias
 
 
+def model_adjust(model, tokenizer, vocab: rvocab.ReasoningVocab | None, temperature: float) -> LogitAdjust:
+    """The policy's LogitAdjust for a (possibly expanded) model: its rows beyond the tokenizer masked, its gate."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    standard_size = vocab.standard_size if vocab is not None else rows
+    bias = padding_bias(rows, len(tokenizer), standard_size).to(model.get_input_embeddings().weight.device)
+    return LogitAdjust(temperature, bias, vocab)
+
+
 def lm_head_fp32(model, hidden: th.Tensor) -> th.Tensor:
     """The output layer in fp32 even under bf16 autocast: bf16 log-probs are noisy and batch-shape dependent."""
     head = model.get_output_embeddings()
@@ -957,9 +965,7 @@ def train(cfg: Config, score_fn=None) -> Path:
         vocab = rvocab.add_reasoning_vocab(model, tokenizer, cfg.reasoning_vocab_size, offset=cfg.reasoning_offset)
     if cfg.gradient_checkpointing:
         decoder_checkpointing(model, True)
-    rows = model.get_input_embeddings().weight.shape[0]
-    standard_size = vocab.standard_size if vocab is not None else rows
-    adjust = LogitAdjust(cfg.temperature, padding_bias(rows, len(tokenizer), standard_size).to(device), vocab)
+    adjust = model_adjust(model, tokenizer, vocab, cfg.temperature)
     ref_model = None
     if cfg.beta != 0:  # frozen, with the policy's (expanded) vocabulary
         ref_model = AutoModelForCausalLM.from_config(model.config).to(device)
@@ -1095,9 +1101,7 @@ def train(cfg: Config, score_fn=None) -> Path:
             decode(tokenizer, vocab, ids[m.bool()].tolist())
             for ids, m in zip(r.completion_ids.cpu(), r.completion_mask.cpu(), strict=True)
         ]
-        # A prompt that opens the think block (Qwen3's thinking template) makes the completion start inside it: the
-        # reward must see that opening tag, or a box inside an unclosed think block would count as the answer.
-        scored = [rvocab.THINK + t if opens else t for t, opens in zip(texts, opens_think, strict=True)]
+        scored = reward_texts(texts, opens_think)
         t_rollout = time.perf_counter() - t0
 
         # 2. Rewards and group-relative advantages (a prompt's whole group is on this rank).
@@ -1260,6 +1264,13 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         entropy=cat("entropy", T, 0.0),
         start_inside=th.cat([p.start_inside for p in parts]) if parts[0].start_inside is not None else None,
     )
+
+
+def reward_texts(completions: list[str], prompt_opened_think: list[bool]) -> list[str]:
+    """What the reward reads. A prompt that opens the think block (Qwen3's thinking template) makes the completion
+    start inside it: the reward must see that opening tag, or a box inside an unclosed think block would count as
+    the answer."""
+    return [rvocab.THINK + t if o else t for t, o in zip(completions, prompt_opened_think, strict=True)]
 
 
 def decode(tokenizer, vocab, ids: list[int], mark: bool = False) -> str:

@@ -125,8 +125,7 @@ def test_greedy_repeats_one_completion(tmp_path, tiny_model_dir, monkeypatch):
 
 def test_results_do_not_depend_on_batch_size_and_training_mode_is_restored(tmp_path, tiny_model_dir):
     model, tokenizer = grpo.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
-    rows = model.get_input_embeddings().weight.shape[0]
-    adjust = grpo.LogitAdjust(1.0, grpo.padding_bias(rows, len(tokenizer), rows))
+    adjust = grpo.model_adjust(model, tokenizer, None, 1.0)
     examples = evaluate.data.load_examples(str(write_problems(tmp_path / "p.jsonl", n=3)), tokenizer)
     kw = dict(samples=2, max_new_tokens=8, score_fn=even_length)
     model.train()
@@ -185,8 +184,7 @@ def test_two_ranks_evaluate_like_one_process(tmp_path, tiny_model_dir):
     """Two gloo ranks (forked: no second start-up) each sample their share of the problems; every rank ends with the
     one-process results."""
     model, tokenizer = grpo.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
-    rows = model.get_input_embeddings().weight.shape[0]
-    adjust = grpo.LogitAdjust(1.0, grpo.padding_bias(rows, len(tokenizer), rows))
+    adjust = grpo.model_adjust(model, tokenizer, None, 1.0)
     examples = evaluate.data.load_examples(str(write_problems(tmp_path / "p.jsonl", n=5)), tokenizer)
     inputs = (model, tokenizer, examples, adjust)
     threads = th.get_num_threads()
