@@ -234,16 +234,6 @@ def plot_entropy(runs: dict[str, list[dict]], out: Path) -> Path | None:
 # Embedding drift of the copies
 
 
-@th.no_grad()
-def row_drift(weight: th.Tensor, vocab: rvocab.ReasoningVocab, chunk: int = 16384) -> th.Tensor:
-    """(n_r,) d_i = ‖weight[n_s + i] − weight[source_ids[i]]‖₂ for a (V, hidden) weight, in float32."""
-    n_s, parts = vocab.standard_size, []
-    for i in range(0, vocab.size, chunk):  # chunks bound the float32 temporaries for a full copy of a large vocabulary
-        copies = weight[n_s + i : n_s + i + chunk].float()  # (chunk, hidden)
-        parts.append((copies - weight[vocab.source_ids[i : i + chunk]].float()).norm(dim=1))
-    return th.cat(parts) if parts else th.zeros(0)
-
-
 def is_output(name: str) -> bool:
     """Whether a (V, hidden) tensor is the output layer (untied models), by its transformers name."""
     return "lm_head" in name or "output" in name
@@ -268,7 +258,7 @@ def copy_drift(checkpoint: Path) -> tuple[rvocab.ReasoningVocab | None, dict[str
             for name in f.keys():
                 shape = f.get_slice(name).get_shape()
                 if len(shape) == 2 and shape[0] == vocab.total_size:
-                    drift[name] = row_drift(f.get_tensor(name), vocab)
+                    drift[name] = rvocab.row_drift(f.get_tensor(name), vocab)
     if not drift:
         raise ValueError(f"{checkpoint}: no weight has n_s + n_r = {vocab.total_size} rows, the map's vocabulary")
     order = sorted(drift, key=is_output)  # the input embedding first

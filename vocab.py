@@ -413,21 +413,23 @@ def _check_config(vocab: ReasoningVocab, directory: Path) -> ReasoningVocab:
 def embed_drift(model, vocab: ReasoningVocab) -> dict[str, float]:
     """Mean L2 distance of each copy's row from its source's row: embed_drift (input embedding) and, for untied
     models, unembed_drift (output layer)."""
+
+    def mean_drift(weight: th.Tensor) -> float:
+        return float(row_drift(weight, vocab).double().mean()) if vocab.size else 0.0
+
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
-    result = {"embed_drift": _mean_row_drift(emb, vocab)}
+    result = {"embed_drift": mean_drift(emb)}
     if out is not None and out.weight.data_ptr() != emb.data_ptr():
-        result["unembed_drift"] = _mean_row_drift(out.weight, vocab)
+        result["unembed_drift"] = mean_drift(out.weight)
     return result
 
 
 @th.no_grad()
-def _mean_row_drift(weight: th.Tensor, vocab: ReasoningVocab, chunk: int = 16384) -> float:
-    if vocab.size == 0:
-        return 0.0
-    src = vocab.source_ids.to(weight.device)
-    total = 0.0
+def row_drift(weight: th.Tensor, vocab: ReasoningVocab, chunk: int = 16384) -> th.Tensor:
+    """(n_r,) d_i = ‖weight[n_s + i] − weight[source_ids[i]]‖₂ for a (V, hidden) weight, in float32."""
+    n_s, src, parts = vocab.standard_size, vocab.source_ids.to(weight.device), []
     for i in range(0, vocab.size, chunk):  # chunks bound the float32 temporaries for a full copy of a large vocabulary
-        copies = weight[vocab.standard_size + i : vocab.standard_size + i + chunk].float()
-        total += float((copies - weight[src[i : i + chunk]].float()).norm(dim=1).sum())
-    return total / vocab.size
+        copies = weight[n_s + i : n_s + i + chunk].float()  # (chunk, hidden)
+        parts.append((copies - weight[src[i : i + chunk]].float()).norm(dim=1))
+    return th.cat(parts) if parts else th.zeros(0, device=weight.device)
