@@ -157,6 +157,46 @@ def top_profile(fn, n: int = 6) -> list[tuple[float, int, str]]:
     return [(v[2] / total, v[1], f"{name[2]} ({Path(name[0]).name}:{name[1]})") for name, v in rows]
 
 
+def random_rollout(B: int, T: int, device: str = "cpu", P: int = 16) -> grpo.Rollout:
+    """B completions of exactly T random tokens after P-token prompts ending in <think>."""
+    g = th.Generator().manual_seed(T + B)
+    prompt = th.randint(0, QWEN3_BASE, (B, P), generator=g)
+    prompt[:, -1] = THINK_ID
+    ids = th.randint(0, QWEN3_BASE, (B, T), generator=g)
+    r = grpo.Rollout(
+        prompt_ids=prompt,
+        prompt_mask=th.ones_like(prompt),
+        completion_ids=ids,
+        completion_mask=th.ones_like(ids),
+        truncated=th.zeros(B, dtype=th.bool),
+        logp=th.zeros(B, T),
+        entropy=th.zeros(B, T),
+        start_inside=th.ones(B, dtype=th.bool),
+    )
+    return grpo.Rollout(**{k: None if v is None else v.to(device) for k, v in vars(r).items()})
+
+
+def logprob_step(model, r: grpo.Rollout, adjust: grpo.LogitAdjust, chunk: int | None, autocast: bool = False):
+    """Log-probs + loss, forward and backward, of one rollout: grpo.sequence_logprobs in chunks of `chunk`, or (None)
+    the naive way, every position's (B, T, V) fp32 logits at once, then log_softmax."""
+    with th.autocast(r.prompt_ids.device.type, dtype=th.bfloat16, enabled=autocast):
+        if chunk:
+            logp = grpo.sequence_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                          adjust, r.start_inside, chunk)  # fmt: skip
+        else:
+            P = r.prompt_ids.shape[1]
+            ids = th.cat([r.prompt_ids, r.completion_ids], 1)
+            mask = th.cat([r.prompt_mask, th.ones_like(r.completion_mask)], 1)  # as grpo.sequence_logprobs
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, P - 1 : -1]
+            z = adjust(grpo.lm_head_fp32(model, hidden), adjust.inside(r.completion_ids, r.start_inside))
+            logp = z.log_softmax(-1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
+    adv = th.ones(r.completion_ids.shape[0], device=logp.device)
+    loss, _ = grpo.policy_loss(logp, logp.detach(), None, adv, r.completion_mask, eps_low=0.2, eps_high=0.28,
+                               beta=0.0, loss_type="token")  # fmt: skip
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def share(profile: list[tuple[float, int, str]], needle: str) -> float:
     return sum(s for s, _, name in profile if needle in name)
 
@@ -169,36 +209,13 @@ def child_logprob_memory(variant: str, T: int, chunk: int) -> dict:
     """Peak extra memory of log-probs + loss, forward and backward, for one completion of T tokens at V = 303,872."""
     model = random_qwen3(DOUBLED)
     adjust = qwen3_adjust(DOUBLED, doubled_vocab())
-    P = 16
-    g = th.Generator().manual_seed(0)
-    prompt = th.randint(0, QWEN3_BASE, (1, P), generator=g)
-    prompt[:, -1] = THINK_ID
-    completion = th.randint(0, QWEN3_BASE, (1, T), generator=g)
-    ones_p, ones_c = th.ones_like(prompt), th.ones_like(completion)
-    start = th.tensor([True])
-    adv = th.tensor([1.0])
+    r = random_rollout(1, T)
     adjust.vocab.biases("cpu")  # the gate's cached biases belong to the model, not to the measured step
-
-    def run():
-        if variant == "chunked":
-            logp = grpo.sequence_logprobs(model, prompt, ones_p, completion, ones_c, adjust, start, chunk)
-        else:  # every position's logits at once: (B, T, V) fp32, then log_softmax
-            ids, mask = th.cat([prompt, completion], 1), th.cat([ones_p, ones_c], 1)
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, P - 1 : -1]
-            z = adjust(grpo.lm_head_fp32(model, hidden), adjust.inside(completion, start))  # (1, T, V)
-            logp = z.log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
-        loss, _ = grpo.policy_loss(
-            logp, logp.detach(), None, adv, ones_c, eps_low=0.2, eps_high=0.28, beta=0.0, loss_type="token"
-        )
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
     gc.collect()
     base = rss_mib()
     t0 = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - t0
-    return {"peak_mib": peak_mib() - base, "seconds": seconds}
+    logprob_step(model, r, adjust, chunk if variant == "chunked" else None)
+    return {"peak_mib": peak_mib() - base, "seconds": time.perf_counter() - t0}
 
 
 def bench_logprob_memory(T: int = 2048, chunks=(256,)) -> dict:
@@ -220,27 +237,27 @@ def bench_logprob_memory(T: int = 2048, chunks=(256,)) -> dict:
 # 2. The reasoning mask: its cost in sampling, and vs a decode-to-text logits processor
 
 
-def bench_mask_overhead(B: int = 8, P: int = 32, N: int = 32) -> dict:
-    """grpo.sample on the same V = 303,872 model, with the gate (prompts end in <think>) and without it."""
-    model = random_qwen3(DOUBLED, hidden=128, layers=2)
-    vocab = doubled_vocab()
+def bench_mask_overhead(model=None, B: int = 8, P: int = 32, N: int = 32, device: str = "cpu") -> dict:
+    """grpo.sample on the same V = 303,872 model (by default a small random one), with the gate (prompts end in
+    <think>) and without it; on CUDA under bf16 autocast, as training samples."""
+    model = model if model is not None else random_qwen3(DOUBLED, hidden=128, layers=2)
     g = th.Generator().manual_seed(1)
     prompts = th.randint(0, QWEN3_BASE, (B, P), generator=g)
     prompts[:, -1] = THINK_ID
     prompts = prompts.tolist()
-    with_mask, without = qwen3_adjust(DOUBLED, vocab), qwen3_adjust(DOUBLED, None)
+    with_mask, without = qwen3_adjust(DOUBLED, doubled_vocab()), qwen3_adjust(DOUBLED, None)
+    with_mask.bias, without.bias = with_mask.bias.to(device), without.bias.to(device)
 
     def run(adjust):
-        gen = th.Generator().manual_seed(0)
-        grpo.sample(model, prompts, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, generator=gen)
+        gen = th.Generator(device).manual_seed(0)
+        with th.autocast(device, dtype=th.bfloat16, enabled=device == "cuda"):
+            grpo.sample(model, prompts, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, generator=gen)
 
     times = {"mask": [], "none": []}
     run(with_mask), run(without)  # warm-up
     for _ in range(REPEATS):  # interleaved, so that drift hits both alike
         for name, adjust in (("mask", with_mask), ("none", without)):
-            t0 = time.perf_counter()
-            run(adjust)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(seconds(lambda a=adjust: run(a), device))
     t_mask, t_none = statistics.median(times["mask"]), statistics.median(times["none"])
     return {"B": B, "N": N, "V": DOUBLED, "mask_s": t_mask, "none_s": t_none, "mask_overhead": t_mask / t_none - 1}
 
@@ -386,25 +403,6 @@ def bench_rollouts() -> dict:
 # 4. One grpo.update against completion length
 
 
-def random_rollout(B: int, T: int, device: str = "cpu", P: int = 16) -> grpo.Rollout:
-    """B completions of exactly T random tokens after P-token prompts ending in <think>."""
-    g = th.Generator().manual_seed(T + B)
-    prompt = th.randint(0, QWEN3_BASE, (B, P), generator=g)
-    prompt[:, -1] = THINK_ID
-    ids = th.randint(0, QWEN3_BASE, (B, T), generator=g)
-    r = grpo.Rollout(
-        prompt_ids=prompt,
-        prompt_mask=th.ones_like(prompt),
-        completion_ids=ids,
-        completion_mask=th.ones_like(ids),
-        truncated=th.zeros(B, dtype=th.bool),
-        logp=th.zeros(B, T),
-        entropy=th.zeros(B, T),
-        start_inside=th.ones(B, dtype=th.bool),
-    )
-    return grpo.Rollout(**{k: None if v is None else v.to(device) for k, v in vars(r).items()})
-
-
 def child_update(T: int, G: int = 1, micro: int = 1) -> dict:
     """Time and peak extra memory of one grpo.update (one group of G completions of T tokens, AdamW, micro-batches
     of `micro`) on a 1-layer, hidden-64 model with Qwen3's 151,936-row vocabulary (the doubled one would double an
@@ -469,19 +467,18 @@ HBM_PEAK = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100
             "A100 80GB PCIe": 1.935e12, "A100-SXM4-40GB": 1.555e12, "L40S": 0.864e12}  # fmt: skip
 
 
-DEV = "cuda"  # the GPU sections' device; "cpu" only for a dry run of their code (tests/test_bench.py)
+DEV = "cuda"  # the GPU sections' device; "cpu" only for a dry run of their code
 
 
-def sync() -> None:
-    if DEV == "cuda":
+def seconds(fn, device: str | None = None) -> float:
+    """Wall time of fn(), the device's queued work included (device: DEV by default)."""
+    device = device or DEV
+    if device == "cuda":
         th.cuda.synchronize()
-
-
-def cuda_seconds(fn) -> float:
-    sync()
     t0 = time.perf_counter()
     fn()
-    sync()
+    if device == "cuda":
+        th.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -504,7 +501,7 @@ def copy_bandwidth(numel: int = 2**30) -> float:
     x = th.empty(numel, dtype=th.float32, device=DEV)
     y = th.empty_like(x)
     y.copy_(x)
-    t = min(cuda_seconds(lambda: y.copy_(x)) for _ in range(5))
+    t = min(seconds(lambda: y.copy_(x)) for _ in range(5))
     return 2 * x.numel() * 4 / t
 
 
@@ -544,7 +541,7 @@ def gpu_rollout(model, B: int, P: int = 64, N: int = 128) -> dict:
     runs = {"dynamic": lambda: ours(False), "static_graph": lambda: ours(True), "hf": hf}
     with th.autocast(DEV, dtype=th.bfloat16), th.inference_mode():
         ours(False, 16), ours(True, 16), hf(16)  # warm-up
-        t = {k: min(cuda_seconds(fn) for _ in range(2)) for k, fn in runs.items()}
+        t = {k: min(seconds(fn) for _ in range(2)) for k, fn in runs.items()}
     best = min(t["dynamic"], t["static_graph"])
     return {"B": B, "P": P, "N": N, **{f"{k}_tok_s": B * N / v for k, v in t.items()}, "speedup": t["hf"] / best,
             "static_vs_dynamic": t["dynamic"] / t["static_graph"]}  # fmt: skip
@@ -553,28 +550,12 @@ def gpu_rollout(model, B: int, P: int = 64, N: int = 128) -> dict:
 def gpu_logprob_memory(model, T: int = 2048) -> dict:
     """Peak GPU memory of log-probs + loss forward and backward (B = 1, bf16 autocast, gradient checkpointing),
     chunked vs naive."""
-    vocab = doubled_vocab()
-    adjust = qwen3_adjust(DOUBLED, vocab)
+    adjust = qwen3_adjust(DOUBLED, doubled_vocab())
     adjust.bias = adjust.bias.to(DEV)
     r = random_rollout(1, T, DEV)
-    start, ones = r.start_inside, r.completion_mask
 
     def run(chunk: int | None):
-        with th.autocast(DEV, dtype=th.bfloat16):
-            if chunk:
-                logp = grpo.sequence_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, ones, adjust,
-                                              start, chunk)  # fmt: skip
-            else:
-                ids, mask = th.cat([r.prompt_ids, r.completion_ids], 1), th.cat([r.prompt_mask, ones], 1)
-                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[
-                    :, r.prompt_ids.shape[1] - 1 : -1
-                ]
-                z = adjust(grpo.lm_head_fp32(model, hidden), adjust.inside(r.completion_ids, start))
-                logp = z.log_softmax(-1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
-        loss, _ = grpo.policy_loss(logp, logp.detach(), None, th.ones(1, device=DEV), ones, eps_low=0.2,
-                                   eps_high=0.28, beta=0.0, loss_type="token")  # fmt: skip
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        logprob_step(model, r, adjust, chunk, autocast=True)
 
     model.train()
     grpo.decoder_checkpointing(model, True)  # as at long T: the body's activations then stay small beside the head's
@@ -592,29 +573,6 @@ def gpu_logprob_memory(model, T: int = 2048) -> dict:
         "grads_gib": (grads := sum(p.numel() for p in model.parameters()) * 4 / 2**30),
         "ratio_without_grads": (chunked - grads) / (naive - grads) if naive else None,
     }
-
-
-def gpu_mask_overhead(model, B: int = 64, P: int = 64, N: int = 64) -> dict:
-    """grpo.sample with and without the gate on the doubled Qwen3-0.6B-shaped model (prompts end in <think>)."""
-    g = th.Generator().manual_seed(1)
-    prompts = th.randint(0, QWEN3_BASE, (B, P), generator=g)
-    prompts[:, -1] = THINK_ID
-    prompts = prompts.tolist()
-    with_mask, without = qwen3_adjust(DOUBLED, doubled_vocab()), qwen3_adjust(DOUBLED, None)
-    with_mask.bias, without.bias = with_mask.bias.to(DEV), without.bias.to(DEV)
-
-    def run(adjust):
-        gen = th.Generator(DEV).manual_seed(0)
-        grpo.sample(model, prompts, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, generator=gen)
-
-    with th.autocast(DEV, dtype=th.bfloat16):
-        run(with_mask), run(without)
-        times = {"mask": [], "none": []}
-        for _ in range(3):
-            for name, adjust in (("mask", with_mask), ("none", without)):
-                times[name].append(cuda_seconds(lambda a=adjust: run(a)))
-    t_mask, t_none = statistics.median(times["mask"]), statistics.median(times["none"])
-    return {"B": B, "N": N, "mask_s": t_mask, "none_s": t_none, "mask_overhead": t_mask / t_none - 1}
 
 
 def gpu_long_rollout(model, N: int = 8192, P: int = 64) -> dict:
@@ -658,7 +616,7 @@ def gpu_long_rollout(model, N: int = 8192, P: int = 64) -> dict:
             B = int(B * 0.9) // 8 * 8
     if fitted is None:
         return {"error": "no batch of 8 fits"}
-    long, short = cuda_seconds(lambda: rollout(fitted, 8)), cuda_seconds(lambda: rollout(fitted, 1))
+    long, short = seconds(lambda: rollout(fitted, 8)), seconds(lambda: rollout(fitted, 1))
     step_s = (long - short) / 56
     bound_s = (weights + fitted * kv_row) / hbm_peak()
     return {"N": N, "P": P, "largest_batch": fitted, "oom_at": tries, "kv_gib_per_row": kv_row / 2**30,
@@ -699,7 +657,7 @@ def gpu_update(model, lengths=(1024, 4096, 8192), groups=(4, 8, 16), group_T: in
                         cfg=cfg, autocast=True)  # fmt: skip
 
         peak = cuda_peak_gib(step)
-        return {"G": G, "T": T, "seconds": cuda_seconds(step), "peak_gib": peak}
+        return {"G": G, "T": T, "seconds": seconds(step), "peak_gib": peak}
 
     one(1, 256)  # warm-up; allocates AdamW's state, which then counts in the baseline
     out = {"length": [one(1, T) for T in lengths], "group": [one(G, group_T) for G in groups]}
@@ -717,7 +675,7 @@ def bench_gpu(shape: dict = QWEN3_06B, long_n: int = 8192, lengths=(1024, 4096, 
     sections = [
         ("rollout_b8", lambda: gpu_rollout(base, 8)),
         ("rollout_b64", lambda: gpu_rollout(base, 64)),
-        ("mask_overhead", lambda: gpu_mask_overhead(doubled)),
+        ("mask_overhead", lambda: bench_mask_overhead(doubled, B=64, P=64, N=64, device=DEV)),
         ("logprob", lambda: gpu_logprob_memory(doubled)),
         ("long_rollout", lambda: gpu_long_rollout(doubled, N=long_n)),
         ("update", lambda: gpu_update(doubled, lengths, groups, group_T=lengths[0])),
