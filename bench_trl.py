@@ -8,7 +8,7 @@ same way, G completions per prompt, exactly `max_new_tokens` tokens per completi
 top-k/top-p off, beta = 0 (no reference model), one rollout per optimizer step (num_iterations = 1, no gradient
 accumulation: TRL then skips the old-log-prob pass, as grpo.update does), one AdamW step, a constant reward.
 
-One step of ours = grpo.sample (with per-row generators, as train()) + decode + reward + group_advantages +
+One step of ours = rollout.sample (with per-row generators, as train()) + decode + reward + group_advantages +
 grpo.update, i.e. train()'s loop body without metrics/checkpoints. One step of TRL = the Trainer's inner loop between
 on_step_begin and on_step_end: training_step (_prepare_inputs → generate + decode + reward + advantages; compute_loss;
 backward) + grad clipping + optimizer/scheduler step. The two run interleaved, step by step, so that load on a shared
@@ -25,18 +25,21 @@ from pathlib import Path
 
 import torch as th
 
+import checkpoints
 import grpo
+import policy
+import rollout
+from bench_common import QWEN3_ROWS, QWEN3_TOKENIZER, random_qwen3
 
 
 def save_random_qwen3(model_dir: str | Path, hidden: int = 128, layers: int = 2) -> Path:
-    """A random Qwen3-shaped model (vocab 151,936, bench.random_qwen3) + the real Qwen3 tokenizer, saved to model_dir."""
+    """A random Qwen3-shaped model (vocab 151,936, bench_common.random_qwen3) + the real Qwen3 tokenizer, saved to
+    model_dir."""
     from transformers import AutoTokenizer
 
-    import bench
-
     model_dir = Path(model_dir)
-    tok = AutoTokenizer.from_pretrained(str(bench.QWEN3_TOKENIZER))
-    model = bench.random_qwen3(bench.QWEN3_ROWS, hidden=hidden, layers=layers)
+    tok = AutoTokenizer.from_pretrained(str(QWEN3_TOKENIZER))
+    model = random_qwen3(QWEN3_ROWS, hidden=hidden, layers=layers)
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")  # as Qwen3 ships it
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(model_dir)
@@ -207,7 +210,7 @@ def ours_stepper(model_dir: str, prompts: list[str], group_size: int, max_new_to
     """train()'s loop body (rollout, reward, advantages, one update) as step(i), recording per-phase wall times."""
     device = th.device("cpu")
     th.manual_seed(seed)
-    model, tokenizer = grpo.load_model_and_tokenizer(model_dir, device)
+    model, tokenizer = checkpoints.load_model_and_tokenizer(model_dir, device)
     cfg = grpo.Config(
         model=model_dir,
         prompts_per_step=len(prompts),
@@ -227,7 +230,7 @@ def ours_stepper(model_dir: str, prompts: list[str], group_size: int, max_new_to
         seed=seed,
     )
     rows = model.get_input_embeddings().weight.shape[0]
-    adjust = grpo.LogitAdjust(cfg.temperature, grpo.padding_bias(rows, len(tokenizer), rows), None)
+    adjust = policy.LogitAdjust(cfg.temperature, policy.padding_bias(rows, len(tokenizer), rows), None)
     optimizer = th.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]  # as data.build_examples
     batch = [list(p) for p in ids for _ in range(group_size)]
@@ -237,16 +240,16 @@ def ours_stepper(model_dir: str, prompts: list[str], group_size: int, max_new_to
     def step(i: int) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         generators = [
-            th.Generator(device=device).manual_seed(grpo.sample_seed(cfg.seed, i, k, j))
+            th.Generator(device=device).manual_seed(rollout.sample_seed(cfg.seed, i, k, j))
             for k in range(len(prompts))
             for j in range(group_size)
         ]
         model.eval()
-        r = grpo.sample(model, batch, adjust, max_new_tokens=cfg.max_new_tokens, eos_ids=[-1],  # EOS off
+        r = rollout.sample(model, batch, adjust, max_new_tokens=cfg.max_new_tokens, eos_ids=[-1],  # EOS off
                         pad_id=tokenizer.pad_token_id, top_p=cfg.top_p, generator=generators)  # fmt: skip
         t_sample = time.perf_counter() - t0
         texts = [
-            grpo.decode(tokenizer, None, c[m.bool()].tolist())
+            rollout.decode(tokenizer, None, c[m.bool()].tolist())
             for c, m in zip(r.completion_ids, r.completion_mask, strict=True)
         ]
         rewards = th.tensor(constant_reward(texts), dtype=th.float32)
@@ -255,7 +258,7 @@ def ours_stepper(model_dir: str, prompts: list[str], group_size: int, max_new_to
         t1 = time.perf_counter()
         model.train()
         grpo.update(model, optimizer, r, advantages, adjust, loss_mask=r.completion_mask, old_logp=None,
-                    ref_logp=None, cfg=cfg)  # fmt: skip
+                    ref_logp=None, **grpo.update_options(cfg))  # fmt: skip
         t_end = time.perf_counter()
         record["step_s"].append(t_end - t0)
         record["step_cpu_s"].append(time.process_time() - c0)
@@ -264,7 +267,7 @@ def ours_stepper(model_dir: str, prompts: list[str], group_size: int, max_new_to
         record["update_s"].append(t_end - t1)
         lengths = r.completion_mask.sum(-1).tolist()
         if len(lengths) != len(batch) or set(lengths) != {max_new_tokens}:
-            raise RuntimeError(f"grpo.sample made {len(lengths)} completions of lengths {sorted(set(lengths))}")
+            raise RuntimeError(f"rollout.sample made {len(lengths)} completions of lengths {sorted(set(lengths))}")
         record["lengths"].append(lengths)
 
     return step, record

@@ -1,6 +1,6 @@
 """Held-out evaluation with the training sampler, masks and reward, so that its numbers compare with training's.
 
-Each problem is sampled k times exactly as a GRPO rollout samples it (`grpo.sample` with the policy's `LogitAdjust`:
+Each problem is sampled k times exactly as a GRPO rollout samples it (`rollout.rollout` with the policy's `LogitAdjust`:
 temperature, padding rows, the reasoning-vocabulary gate and offset), decoded with reasoning ids mapped back to their
 source tokens, and scored by the training reward's accuracy (`reward.score`, after the `<think>` a prompt opened).
 For a problem with n samples of which c are correct:
@@ -23,9 +23,7 @@ writes <output_dir>/<dataset>.jsonl (one line per problem: its completions, extr
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -36,9 +34,13 @@ import torch.distributed as dist
 import tyro
 
 import data
-import grpo
 import reward
 import vocab as rvocab
+from checkpoints import load_model_and_tokenizer
+from distributed import preempted, setup_distributed, teardown_distributed, world
+from logs import write_json, write_jsonl
+from policy import LogitAdjust, model_adjust
+from rollout import reward_texts, rollout, sample_seed
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -88,7 +90,7 @@ def evaluate(
     model,
     tokenizer,
     examples: list[data.Example],
-    adjust: grpo.LogitAdjust,
+    adjust: LogitAdjust,
     *,
     samples: int,
     max_new_tokens: int,
@@ -110,48 +112,44 @@ def evaluate(
     after </think>, or None), correct, lengths (tokens, EOS included), truncated (no EOS within max_new_tokens), and
     with a reasoning vocabulary think_tokens and reasoning_tokens (reasoning ids among them). The summary is
     `summarize(records, samples)`. score_fn(completions, answers) → (rewards, accuracies) replaces reward.score; a
-    completion is correct when its accuracy is 1. static_cache and should_stop() go to grpo.sample."""
+    completion is correct when its accuracy is 1. static_cache and should_stop() go to rollout.rollout."""
     if samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"need samples, batch_size, max_new_tokens ≥ 1, got {samples}, {batch_size}, {max_new_tokens}")
     if not examples:
         raise ValueError("evaluate: no examples")
-    rank, world_size = grpo.world()
-    device = next(model.parameters()).device
-    vocab = adjust.vocab if adjust.vocab is not None and adjust.vocab.size > 0 else None
-    eos_ids = grpo.eos_token_ids(model, tokenizer)
-    tags = rvocab.think_tag_ids(tokenizer)  # (<think>, </think>) ids, or None
+    rank, world_size = world()
     mine = examples[rank::world_size]
+    records = []
+    if mine:  # a rank can have none when there are more ranks than problems
+        records = score_records(model, tokenizer, mine, adjust, samples, seed, score_fn, max_new_tokens=max_new_tokens,
+                                top_p=top_p, greedy=greedy, batch_size=batch_size, autocast=autocast,
+                                static_cache=static_cache, should_stop=should_stop)  # fmt: skip
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, records)
+        records = [rec for part in gathered for rec in part]
+    records.sort(key=lambda rec: rec["index"])
+    return records, summarize(records, samples)
+
+
+def score_records(model, tokenizer, mine: list[data.Example], adjust: LogitAdjust, samples: int, seed: int, score_fn,
+                  **sampling) -> list[dict]:  # fmt: skip
+    """`evaluate`'s records of this rank's examples (see there); `sampling` goes to rollout.rollout."""
+    vocab = adjust.vocab
     jobs = [(ex, j) for ex in mine for j in range(samples)]  # a problem's samples are consecutive
+    seeds = [sample_seed(seed, 0, ex.index, j) for ex, j in jobs]
+    r = rollout(model, tokenizer, [ex.prompt_ids for ex, _ in jobs], seeds, adjust, **sampling)
+    ids, mask = r.completion_ids.cpu(), r.completion_mask.cpu()  # (B, T)
+    texts, lengths, truncated = r.texts, mask.sum(-1).tolist(), r.truncated.cpu().tolist()
+    inside = adjust.inside(ids, r.start_inside.cpu() if r.start_inside is not None else None)  # (B, T) | None
+    if inside is not None:
+        think = mask.bool() & inside
+        think_tokens = think.sum(-1).tolist()
+        reasoning_tokens = (think & (ids >= vocab.standard_size)).sum(-1).tolist()
 
-    texts, lengths, truncated, think_tokens, reasoning_tokens = [], [], [], [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for s in range(0, len(jobs), batch_size):
-            part = jobs[s : s + batch_size]
-            generators = [th.Generator(device=device).manual_seed(grpo.sample_seed(seed, 0, ex.index, j))
-                          for ex, j in part]  # fmt: skip
-            with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
-                r = grpo.sample(model, [ex.prompt_ids for ex, _ in part], adjust, max_new_tokens=max_new_tokens,
-                                eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, top_p=top_p, generator=generators,
-                                greedy=greedy, static_cache=static_cache, should_stop=should_stop)  # fmt: skip
-            ids, mask = r.completion_ids.cpu(), r.completion_mask.cpu()  # (B, T)
-            texts += [grpo.decode(tokenizer, vocab, row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
-            lengths += mask.sum(-1).tolist()
-            truncated += r.truncated.cpu().tolist()
-            inside = adjust.inside(ids, r.start_inside.cpu() if r.start_inside is not None else None)  # (B, T) | None
-            if inside is not None:
-                think = mask.bool() & inside
-                think_tokens += think.sum(-1).tolist()
-                reasoning_tokens += (think & (ids >= vocab.standard_size)).sum(-1).tolist()
-    finally:
-        model.train(was_training)
-
-    # The reward sees the think block a prompt opened, exactly as in grpo.train.
-    opens = [tags is not None and rvocab.opens_think(ex.prompt_ids, *tags) for ex in mine]
-    scored = grpo.reward_texts(texts, [opens[i // samples] for i in range(len(texts))])
-    golds = [ex.answer for ex, _ in jobs]
-    accuracy = (score_fn or reward.score)(scored, golds)[1]
+    # The reward sees the think block a prompt opened, exactly as in training.
+    scored = reward_texts(texts, r.opened_think)
+    accuracy = (score_fn or reward.score)(scored, [ex.answer for ex, _ in jobs])[1]
     records = []
     for p, ex in enumerate(mine):
         at = slice(p * samples, (p + 1) * samples)
@@ -159,7 +157,7 @@ def evaluate(
             "index": ex.index,
             "problem": ex.problem,
             "gold": ex.answer,
-            "opens_think": opens[p],
+            "opens_think": r.opened_think[p * samples],
             "completions": texts[at],
             "answers": [reward.extract_boxed(reward.answer_part(t)) for t in scored[at]],
             "correct": [float(a) == 1.0 for a in accuracy[at]],
@@ -169,12 +167,25 @@ def evaluate(
         if vocab is not None:
             rec.update(think_tokens=think_tokens[at], reasoning_tokens=reasoning_tokens[at])
         records.append(rec)
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, records)
-        records = [rec for part in gathered for rec in part]
-    records.sort(key=lambda rec: rec["index"])
-    return records, summarize(records, samples)
+    return records
+
+
+def during_training(model, tokenizer, examples: list[data.Example], adjust: LogitAdjust, at_step: int, *,
+                    output_dir: Path, steps: int, **kwargs) -> dict[str, float]:  # fmt: skip
+    """A training run's periodic evaluation at `at_step` (of `steps`): the eval_* metrics (`training_metrics`), with
+    rank 0 writing the records to <output_dir>/eval/step_NNNNNN.jsonl and printing a line; kwargs go to `evaluate`.
+    Every rank calls it at the same points (it gathers); a preemption during it discards it ({})."""
+    t = time.perf_counter()
+    records, summary = evaluate(model, tokenizer, examples, adjust, **kwargs)
+    if preempted():
+        return {}
+    m = {**training_metrics(summary), "eval_s": time.perf_counter() - t}
+    if world()[0] == 0:
+        write_jsonl(Path(output_dir) / "eval" / f"step_{at_step:06d}.jsonl", records)
+        k = summary["samples"]
+        print(f"eval {at_step:>4}/{steps} | acc {m['eval_accuracy']:.3f} | pass@{k} {m[f'eval_pass@{k}']:.3f} | "
+              f"len {m['eval_len']:.0f} | truncated {m['eval_truncated']:.3f} | {m['eval_s']:.1f}s", flush=True)  # fmt: skip
+    return m
 
 
 def training_metrics(summary: dict) -> dict[str, float]:
@@ -194,21 +205,6 @@ def training_metrics(summary: dict) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Files and the command line
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """One JSON object per line, written to a temporary file and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -287,12 +283,12 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
         raise ValueError("no datasets to evaluate")
     if len(set(names)) < len(names):
         raise ValueError(f"datasets {list(cfg.datasets)} would share an output file name: {names}")
-    device = grpo.setup_distributed(grpo.Config(device=cfg.device))  # it reads only the device
-    rank, world_size = grpo.world()
+    device = setup_distributed(cfg.device)
+    rank, world_size = world()
     autocast = device.type == "cuda" and cfg.bf16
-    model, tokenizer = grpo.load_model_and_tokenizer(cfg.model, device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device)
     vocab = rvocab.load(cfg.model) if Path(cfg.model).is_dir() else rvocab.load(model)
-    adjust = grpo.model_adjust(model, tokenizer, vocab, cfg.temperature)
+    adjust = model_adjust(model, tokenizer, vocab, cfg.temperature)
     out = Path(cfg.output_dir)
     if rank == 0:
         write_json(out / "eval_config.json", dataclasses.asdict(cfg))
@@ -326,8 +322,7 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
             print(f"[eval] {source}: done in {time.perf_counter() - t0:.1f}s → {out / name}.jsonl", flush=True)
     if rank == 0:
         print(format_table(summaries), flush=True)
-    if world_size > 1:
-        dist.destroy_process_group()
+    teardown_distributed()
     return summaries
 
 

@@ -8,7 +8,7 @@ A run directory is grpo.train's output_dir (config.json, metrics.jsonl, samples.
 - reasoning_share.png: the share of think tokens that are reasoning ids over steps, `eval_reasoning_share` as markers
   (reasoning runs);
 - entropy.png: the policy's entropy per completion token over steps; the trainer logs it over text (copies merged
-  into their sources, see grpo.entropy_of), so a reasoning run and a baseline compare directly;
+  into their sources, see policy.entropy_of), so a reasoning run and a baseline compare directly;
 - drift.png and drift.json: how far each copy moved from its source at the latest checkpoint,
   d_i = ‖W[n_s + i] − W[s_i]‖₂ for reasoning id n_s + i copying standard id s_i, for every weight matrix with one row
   per id (the input embedding; the output layer too when untied): histogram, the copies that moved most, and the
@@ -32,8 +32,8 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 import data
-import grpo
 import vocab as rvocab
+from checkpoints import checkpoint_dirs, step_of
 
 STYLE = {
     "font.size": 11,
@@ -247,7 +247,7 @@ def copy_drift(checkpoint: Path) -> tuple[rvocab.ReasoningVocab | None, dict[str
     """The checkpoint's map and {tensor name: (n_r,) drift of each copy} for every (V, hidden) tensor in its
     safetensors files, the input embedding first; (None, {}) for a checkpoint without copies."""
     vocab = rvocab.load(checkpoint)
-    if vocab is None or vocab.size == 0:
+    if vocab is None:
         return None, {}
     files = sorted(Path(checkpoint).glob("*.safetensors"))
     if not files:
@@ -280,7 +280,7 @@ def token_label(token: dict, font) -> str:
 
 def drift_report(run_dir: Path, out: Path) -> tuple[dict, dict[str, th.Tensor]] | None:
     """drift.json (summary per tensor and the copies that moved most, ranked by the first tensor) and the drifts."""
-    checkpoints = grpo.checkpoint_dirs(Path(run_dir))
+    checkpoints = checkpoint_dirs(Path(run_dir))
     if not checkpoints:
         return None
     vocab, drift = copy_drift(checkpoints[-1])
@@ -310,7 +310,7 @@ def drift_report(run_dir: Path, out: Path) -> tuple[dict, dict[str, th.Tensor]] 
     ]
     report = {
         "checkpoint": str(checkpoints[-1]),
-        "step": grpo.step_of(checkpoints[-1]),
+        "step": step_of(checkpoints[-1]),
         "standard_size": vocab.standard_size,
         "copies": vocab.size,
         "summary": summary,
@@ -395,7 +395,7 @@ OPENED_BY_PROMPT = '<span class="tag" title="opened by the prompt">(&lt;think&gt
 def prompt_opens_think(run_dir: Path) -> bool | None:
     """Whether the run's prompts end inside a think block (its completions then start inside), from the latest
     checkpoint's tokenizer and the run's prompt options; None without a checkpoint."""
-    checkpoints = grpo.checkpoint_dirs(Path(run_dir))
+    checkpoints = checkpoint_dirs(Path(run_dir))
     if not checkpoints:
         return None
     tokenizer = AutoTokenizer.from_pretrained(checkpoints[-1])

@@ -14,7 +14,7 @@ time), `step_state` advances it by one token while decoding, and `prompt_inside`
 chat template whose generation prompt ends with `<think>\\n` starts generation inside; an empty think block or no tag
 at all starts outside). The gate therefore needs `<think>` and `</think>` as single tokens: `add_reasoning_vocab`
 refuses (ValueError) a tokenizer without them (e.g. SmolLM2's) rather than guessing another delimiter, except for
-the size-0 baseline, which then returns None (there is nothing to gate or to measure).
+the size-0 baseline, which always returns None: "no reasoning vocabulary" has one form, None.
 
 Invariance and the offset. A copy has the same hidden-state contribution and the same output row as its source, so
 at step 0 every instance of a copied token s (the source and its m_s copies) gets the same logit l_s. Without a
@@ -29,7 +29,7 @@ states are unchanged too, since a copy's input row equals its source's. The offs
 Token choices. Only regular tokens are ever copied: ids below len(tokenizer) that are neither special tokens
 (`all_special_ids`) nor added tokens (`added_tokens_decoder`, which holds `<think>`, `</think>`, `<|im_end|>`, tool
 tags…), and never the padding rows beyond the tokenizer. `ALL_REGULAR` (-1) copies all of them in id order (the
-research default); size 0 is the baseline: the model is left untouched and `adjust_logits` is the identity.
+research default); size 0 is the baseline: the model is left untouched and there is no map (None).
 
 Persistence. `add_reasoning_vocab` stores the map in `model.config.reasoning_vocab` (and the config's vocab_size
 becomes n_s + n_r), so every `save_pretrained` checkpoint carries it and reloads with plain
@@ -69,7 +69,9 @@ class ReasoningVocab:
         n_s = int(self.standard_size)
         if n_s <= 0:
             raise ValueError(f"standard_size must be positive, got {n_s}")
-        if len(src) and (int(src.min()) < 0 or int(src.max()) >= n_s):
+        if len(src) == 0:
+            raise ValueError("a reasoning vocabulary needs at least one copy (no reasoning vocabulary is None)")
+        if int(src.min()) < 0 or int(src.max()) >= n_s:
             raise ValueError(f"source_ids must lie in [0, standard_size={n_s}), got range [{src.min()}, {src.max()}]")
         for name in ("think_id", "end_think_id"):
             tag = int(getattr(self, name))
@@ -126,8 +128,6 @@ class ReasoningVocab:
         if inside.shape != logits.shape[:-1] or inside.dtype != th.bool:
             want = tuple(logits.shape[:-1])
             raise ValueError(f"inside must be bool of shape {want}, got {inside.dtype} of shape {tuple(inside.shape)}")
-        if self.size == 0:
-            return logits  # baseline: nothing to gate, no copies to offset
         bias_in, bias_out = self.biases(logits.device, logits.dtype)
         return logits + th.where(inside[..., None], bias_in, bias_out)
 
@@ -159,8 +159,6 @@ class ReasoningVocab:
 
     def to_standard(self, ids: th.Tensor) -> th.Tensor:
         """`ids` with every reasoning id replaced by its source id; other ids unchanged."""
-        if self.size == 0:
-            return ids
         n_s = self.standard_size
         if ids.numel() and int(ids.max()) >= self.total_size:
             raise ValueError(f"id {int(ids.max())} is beyond the expanded vocabulary (n_s + n_r = {self.total_size})")
@@ -297,9 +295,9 @@ def add_reasoning_vocab(
     """Expand `model` in place with copies of regular tokens and return the map.
 
     size: how many regular tokens to copy, the first ones in id order (ALL_REGULAR = -1: all of them; 0: the
-    baseline, the model is left untouched and the returned map has size 0). `source_ids` (repeats allowed, giving
+    baseline, the model is left untouched and None is returned). `source_ids` (repeats allowed, giving
     multiplicities > 1) overrides `size`. Raises ValueError for a tokenizer without think tags, except with nothing
-    to copy, where it returns None. The map goes into model.config.reasoning_vocab and vocab_size becomes n_s + n_r.
+    to copy (None). The map goes into model.config.reasoning_vocab and vocab_size becomes n_s + n_r.
     """
     emb = model.get_input_embeddings()
     n_s = emb.weight.shape[0]
@@ -337,9 +335,9 @@ def add_reasoning_vocab(
     else:
         raise ValueError(f"size must be ALL_REGULAR (-1) or in [0, {len(regular)}] (regular tokens), got {size}")
 
+    if not chosen:
+        return None
     vocab = ReasoningVocab(n_s, th.tensor(chosen, dtype=th.long), tags[0], tags[1], offset)
-    if vocab.size == 0:
-        return vocab
 
     out = model.get_output_embeddings()
     if out is not None and out.weight.shape[0] != n_s:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch as th
 
-import grpo
+import checkpoints
 from tests.conftest import weights_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,8 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
     ddp = run(torchrun, {**cfg, "output_dir": str(tmp_path / "two")}, tmp_path)
     assert "2 rank(s)" in ddp.stdout
 
-    w1 = weights_of(grpo.checkpoint_dirs(tmp_path / "one")[-1])
-    w2 = weights_of(grpo.checkpoint_dirs(tmp_path / "two")[-1])
+    w1 = weights_of(checkpoints.checkpoint_dirs(tmp_path / "one")[-1])
+    w2 = weights_of(checkpoints.checkpoint_dirs(tmp_path / "two")[-1])
     # Adam divides each gradient by its own scale, so fp32 summation-order noise in a near-zero gradient component
     # moves that weight by up to ~lr × its relative error: at lr 1e-4 the bound below is far above that noise.
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
@@ -59,5 +59,5 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
         for k in ("reward", "reward_std", "completion_len", "loss", "entropy", "grad_norm"):
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
     assert any(m["reward_std"] > 0 for m in m1)  # the step had a learning signal
-    w0 = grpo.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))[0].state_dict()
+    w0 = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))[0].state_dict()
     assert any(not th.equal(w0[k], w1[k]) for k in w1)

@@ -10,8 +10,10 @@ import pytest
 import torch as th
 import torch.distributed as dist
 
+import checkpoints
 import evaluate
 import grpo
+import policy
 import reward
 import vocab as rvocab
 from evaluate import pass_at_k
@@ -124,8 +126,8 @@ def test_greedy_repeats_one_completion(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_results_do_not_depend_on_batch_size_and_training_mode_is_restored(tmp_path, tiny_model_dir):
-    model, tokenizer = grpo.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
-    adjust = grpo.model_adjust(model, tokenizer, None, 1.0)
+    model, tokenizer = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
+    adjust = policy.model_adjust(model, tokenizer, None, 1.0)
     examples = evaluate.data.load_examples(str(write_problems(tmp_path / "p.jsonl", n=3)), tokenizer)
     kw = dict(samples=2, max_new_tokens=8, score_fn=even_length)
     model.train()
@@ -144,9 +146,9 @@ def test_results_do_not_depend_on_batch_size_and_training_mode_is_restored(tmp_p
 
 def test_checkpoint_with_reasoning_vocab_reports_its_share(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(reward, "score", even_length)
-    model, tokenizer = grpo.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
+    model, tokenizer = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
     vocab = rvocab.add_reasoning_vocab(model, tokenizer, rvocab.ALL_REGULAR)
-    ckpt = tmp_path / "ckpt"  # as grpo.save_checkpoint writes it
+    ckpt = tmp_path / "ckpt"  # as checkpoints.save_checkpoint writes it
     model.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
     rvocab.save_map(vocab, ckpt)
@@ -183,8 +185,8 @@ def _evaluate_as_rank(rank: int, store: Path, inputs: tuple, result: Path) -> No
 def test_two_ranks_evaluate_like_one_process(tmp_path, tiny_model_dir):
     """Two gloo ranks (forked: no second start-up) each sample their share of the problems; every rank ends with the
     one-process results."""
-    model, tokenizer = grpo.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
-    adjust = grpo.model_adjust(model, tokenizer, None, 1.0)
+    model, tokenizer = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
+    adjust = policy.model_adjust(model, tokenizer, None, 1.0)
     examples = evaluate.data.load_examples(str(write_problems(tmp_path / "p.jsonl", n=5)), tokenizer)
     inputs = (model, tokenizer, examples, adjust)
     threads = th.get_num_threads()

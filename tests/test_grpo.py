@@ -10,15 +10,19 @@ from pathlib import Path
 import pytest
 import torch as th
 
+import checkpoints
 import grpo
-from grpo import Config, LogitAdjust, group_advantages, policy_loss
+import policy
+import rollout
+from grpo import Config, group_advantages, policy_loss
+from policy import LogitAdjust
 from tests.conftest import tiny_model, weights_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def plain_adjust(vocab_size: int, temperature: float = 1.0, num_tokens: int | None = None) -> LogitAdjust:
-    bias = grpo.padding_bias(vocab_size, num_tokens or vocab_size, vocab_size)
+    bias = policy.padding_bias(vocab_size, num_tokens or vocab_size, vocab_size)
     return LogitAdjust(temperature, bias)
 
 
@@ -160,7 +164,7 @@ def test_policy_loss_rejects_unknown_type():
 def test_gumbel_sampling_matches_softmax():
     z = th.tensor([[2.0, 1.0, 0.0, -math.inf, -1.0]]).repeat(40_000, 1)
     g = th.Generator().manual_seed(0)
-    tokens, logp = grpo.sample_tokens(z, 1.0, g)
+    tokens, logp = policy.sample_tokens(z, 1.0, g)
     freq = th.bincount(tokens, minlength=5).float() / tokens.numel()
     p = z[0].softmax(-1)
     assert freq[3] == 0  # −∞ never wins
@@ -170,7 +174,7 @@ def test_gumbel_sampling_matches_softmax():
 
 def test_top_p_keeps_the_nucleus_and_renormalises():
     z = th.log(th.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20_000, 1)
-    tokens, logp = grpo.sample_tokens(z, 0.8, th.Generator().manual_seed(1))
+    tokens, logp = policy.sample_tokens(z, 0.8, th.Generator().manual_seed(1))
     assert set(tokens.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8
     assert th.allclose(logp[tokens == 0], th.tensor(math.log(0.5 / 0.8)))
 
@@ -182,7 +186,7 @@ def _prompts():
 def test_sampler_logprobs_equal_training_logprobs():
     model = tiny_model(64)
     adjust = plain_adjust(64, temperature=0.7, num_tokens=60)  # 4 padding rows never sampled
-    r = grpo.sample(
+    r = rollout.sample(
         model, _prompts(), adjust, max_new_tokens=12, eos_ids=[1], pad_id=0, generator=th.Generator().manual_seed(0)
     )
     assert r.completion_ids.shape[0] == 4
@@ -199,8 +203,8 @@ def test_static_cache_decoder_samples_the_same_tokens():
     adjust = plain_adjust(64, num_tokens=60)
     adjust.bias[1] += 3.0  # EOS is likely: rows stop at different steps
     kw = dict(max_new_tokens=20, eos_ids=[1], pad_id=0)
-    dynamic = grpo.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(5), **kw)
-    static = grpo.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(5), static_cache=True, **kw)
+    dynamic = rollout.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(5), **kw)
+    static = rollout.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(5), static_cache=True, **kw)
     assert len(set(dynamic.completion_mask.sum(-1).tolist())) > 1  # left padding and early stops are exercised
     assert th.equal(static.completion_ids, dynamic.completion_ids)
     assert th.equal(static.completion_mask, dynamic.completion_mask)
@@ -210,7 +214,7 @@ def test_static_cache_decoder_samples_the_same_tokens():
 def test_sampler_stops_rows_independently_and_masks_up_to_eos():
     model = tiny_model(16)
     adjust = plain_adjust(16, temperature=3.0)  # flat: EOS (id 1) comes early for some rows
-    r = grpo.sample(
+    r = rollout.sample(
         model, [[2, 3]] * 16, adjust, max_new_tokens=30, eos_ids=[1], pad_id=0, generator=th.Generator().manual_seed(3)
     )
     lengths = r.completion_mask.sum(-1)
@@ -231,7 +235,7 @@ def test_eos_inside_prompt_does_not_stop_row():
     model = tiny_model(16)
     adjust = plain_adjust(16)
     adjust.bias[1] = -math.inf  # the model can never emit EOS itself
-    r = grpo.sample(
+    r = rollout.sample(
         model,
         [[1, 4, 1], [4, 5]],
         adjust,
@@ -248,9 +252,9 @@ def test_same_seed_same_samples():
     model = tiny_model(64)
     adjust = plain_adjust(64)
     kw = dict(max_new_tokens=10, eos_ids=[1], pad_id=0)
-    a = grpo.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(7), **kw)
-    b = grpo.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(7), **kw)
-    c = grpo.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(8), **kw)
+    a = rollout.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(7), **kw)
+    b = rollout.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(7), **kw)
+    c = rollout.sample(model, _prompts(), adjust, generator=th.Generator().manual_seed(8), **kw)
     assert th.equal(a.completion_ids, b.completion_ids)
     assert not th.equal(a.completion_ids, c.completion_ids)
 
@@ -261,7 +265,7 @@ def test_same_seed_same_samples():
 
 def _rollout(model, adjust, n=8):
     prompts = [[5 + i % 4, 6, 7 + i % 3][: 1 + i % 3] for i in range(n)]
-    r = grpo.sample(
+    r = rollout.sample(
         model, prompts, adjust, max_new_tokens=9, eos_ids=[1], pad_id=0, generator=th.Generator().manual_seed(0)
     )
     return r
@@ -279,7 +283,17 @@ def test_gradient_same_for_1_or_4_micro_batches(loss_type):
         m = tiny_model(32)
         opt = th.optim.SGD(m.parameters(), lr=0.1)
         cfg = tiny_cfg(loss_type=loss_type, micro_batch_size=micro, max_new_tokens=9)
-        grpo.update(m, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None, cfg=cfg)
+        grpo.update(
+            m,
+            opt,
+            r,
+            adv,
+            adjust,
+            loss_mask=r.completion_mask,
+            old_logp=None,
+            ref_logp=None,
+            **grpo.update_options(cfg),
+        )
         weights.append(th.cat([p.detach().flatten() for p in m.parameters()]))
     before = th.cat([p.detach().flatten() for p in tiny_model(32).parameters()])
     assert (weights[0] - before).abs().max() > 1e-4  # the step did something
@@ -297,7 +311,17 @@ def test_decoder_checkpointing_gives_the_same_update():
         assert m.model.gradient_checkpointing is on
         opt = th.optim.SGD(m.parameters(), lr=0.1)
         cfg = tiny_cfg(micro_batch_size=4, max_new_tokens=9)
-        grpo.update(m, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None, cfg=cfg)
+        grpo.update(
+            m,
+            opt,
+            r,
+            adv,
+            adjust,
+            loss_mask=r.completion_mask,
+            old_logp=None,
+            ref_logp=None,
+            **grpo.update_options(cfg),
+        )
         weights.append(th.cat([p.detach().flatten() for p in m.parameters()]))
     assert (weights[0] - weights[1]).abs().max() < 1e-6
 
@@ -310,7 +334,15 @@ def test_non_finite_loss_skips_the_update():
     opt = th.optim.AdamW(model.parameters(), lr=0.1)
     adv = th.full((8,), math.nan)
     stats = grpo.update(
-        model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None, cfg=tiny_cfg()
+        model,
+        opt,
+        r,
+        adv,
+        adjust,
+        loss_mask=r.completion_mask,
+        old_logp=None,
+        ref_logp=None,
+        **grpo.update_options(tiny_cfg()),
     )
     assert stats["skipped"] == 1.0
     assert all(th.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -331,7 +363,7 @@ def test_random_tiny_model_learns_a_toy_reward():
     history = []
     for step in range(60):
         model.eval()
-        r = grpo.sample(model, prompts, adjust, max_new_tokens=8, eos_ids=[1], pad_id=0,
+        r = rollout.sample(model, prompts, adjust, max_new_tokens=8, eos_ids=[1], pad_id=0,
                         generator=th.Generator().manual_seed(step))  # fmt: skip
         hit = ((r.completion_ids == 7) & r.completion_mask.bool()).any(-1).float()
         history.append(hit.mean().item())
@@ -339,7 +371,7 @@ def test_random_tiny_model_learns_a_toy_reward():
             break
         model.train()
         grpo.update(model, opt, r, group_advantages(hit, 8), adjust, loss_mask=r.completion_mask, old_logp=None,
-                    ref_logp=None, cfg=cfg)  # fmt: skip
+                    ref_logp=None, **grpo.update_options(cfg))  # fmt: skip
     print(f"toy reward: start {history[0]:.2f}, reached ≥ 0.9 (3-step mean) after {len(history)} rollouts")
     assert history[0] < 0.5
     assert sum(history[-3:]) / 3 >= 0.9, history
@@ -391,7 +423,7 @@ def test_train_writes_metrics_and_checkpoints(tmp_path, tiny_model_dir):
     assert any(m["ratio"] != 1.0 for m in lines)  # num_iterations = 2: the second update sees π_θ ≠ π_old
     assert lines[0]["lr"] == pytest.approx(1e-3)  # warmup of 1 step: (0 + 1) / 1
     # step 0, the final one and the last 1: step 2 was rotated away
-    assert [p.name for p in grpo.checkpoint_dirs(out)] == ["step_000000", "step_000004"]
+    assert [p.name for p in checkpoints.checkpoint_dirs(out)] == ["step_000000", "step_000004"]
     assert json.loads((out / "config.json").read_text())["beta"] == 0.04
     assert not list((out / "checkpoints").glob(".tmp*"))
 
@@ -400,12 +432,12 @@ def test_resume_gives_identical_weights(tmp_path, tiny_model_dir):
     straight = grpo.train(run_cfg(tiny_model_dir, tmp_path / "a", steps=4), score_fn=letter_e)
     grpo.train(run_cfg(tiny_model_dir, tmp_path / "b", steps=2), score_fn=letter_e)
     resumed = grpo.train(run_cfg(tiny_model_dir, tmp_path / "b", steps=4), score_fn=letter_e)
-    w_a = weights_of(grpo.checkpoint_dirs(straight)[-1])
-    w_b = weights_of(grpo.checkpoint_dirs(resumed)[-1])
+    w_a = weights_of(checkpoints.checkpoint_dirs(straight)[-1])
+    w_b = weights_of(checkpoints.checkpoint_dirs(resumed)[-1])
     assert w_a.keys() == w_b.keys()
     for k in w_a:
         assert th.equal(w_a[k], w_b[k]), k
-    w0 = weights_of(grpo.checkpoint_dirs(straight)[0])
+    w0 = weights_of(checkpoints.checkpoint_dirs(straight)[0])
     assert any(not th.equal(w0[k], w_a[k]) for k in w0)  # training changed something
     steps = [json.loads(s)["step"] for s in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # no repeated or missing steps
@@ -462,7 +494,7 @@ def test_preemption_signal_checkpoints_and_resume_continues(tmp_path, tiny_model
     assert "preempted after step" in out
     done = [json.loads(s)["step"] for s in metrics.read_text().splitlines()]
     assert 2 <= len(done) < 60
-    assert grpo.step_of(grpo.checkpoint_dirs(tmp_path / "p")[-1]) == done[-1]
+    assert checkpoints.step_of(checkpoints.checkpoint_dirs(tmp_path / "p")[-1]) == done[-1]
 
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
@@ -496,7 +528,7 @@ def test_drop_truncated_rows_are_left_out_of_the_loss():
                                                                 "completion_mask", "truncated", "logp", "entropy")})  # fmt: skip
         m = tiny_model(32)
         grpo.update(m, th.optim.SGD(m.parameters(), lr=0.1), sub, adv[rows], adjust, loss_mask=mask, old_logp=None,
-                    ref_logp=None, cfg=tiny_cfg(max_new_tokens=9))  # fmt: skip
+                    ref_logp=None, **grpo.update_options(tiny_cfg(max_new_tokens=9)))  # fmt: skip
         weights.append(th.cat([p.detach().flatten() for p in m.parameters()]))
     assert (weights[0] - weights[1]).abs().max() < 1e-6
 
@@ -508,6 +540,6 @@ def test_all_rows_dropped_is_a_no_op_not_a_crash():
     before = [p.detach().clone() for p in model.parameters()]
     opt = th.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)  # decoupled decay would move weights anyway
     stats = grpo.update(model, opt, r, th.ones(8), adjust,
-                        loss_mask=th.zeros_like(r.completion_mask), old_logp=None, ref_logp=None, cfg=tiny_cfg())  # fmt: skip
+                        loss_mask=th.zeros_like(r.completion_mask), old_logp=None, ref_logp=None, **grpo.update_options(tiny_cfg()))  # fmt: skip
     assert stats["loss"] == 0.0 and stats["skipped"] == 0.0
     assert all(th.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

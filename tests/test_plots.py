@@ -9,6 +9,7 @@ import pytest
 import torch as th
 from PIL import Image
 
+import checkpoints
 import grpo
 import plots
 import vocab as rvocab
@@ -61,7 +62,7 @@ def test_pictures_of_a_reasoning_run_beside_its_baseline(pictures):
 def test_drift_json_lists_real_copies_with_their_weights_drift(two_runs, pictures, tiny_tokenizer):
     rv, _ = two_runs
     report = json.loads((pictures[0].parent / "drift.json").read_text())
-    ckpt = grpo.checkpoint_dirs(rv)[-1]
+    ckpt = checkpoints.checkpoint_dirs(rv)[-1]
     vocab = rvocab.load(ckpt)
     name = "model.embed_tokens.weight"  # tied: the only (V, hidden) tensor
     embedding = weights_of(ckpt)[name]

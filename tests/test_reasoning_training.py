@@ -6,7 +6,10 @@ import math
 
 import torch as th
 
+import checkpoints
 import grpo
+import policy
+import rollout
 import vocab as rvocab
 from tests.conftest import tiny_model, weights_of
 from tests.test_grpo import run_cfg
@@ -15,8 +18,8 @@ from tests.test_grpo import run_cfg
 def expanded(tiny_tokenizer, size=rvocab.ALL_REGULAR, tie=True):
     model = tiny_model(len(tiny_tokenizer) + 4, seed=2, tie=tie)
     vocab = rvocab.add_reasoning_vocab(model, tiny_tokenizer, size)
-    bias = grpo.padding_bias(vocab.total_size, len(tiny_tokenizer), vocab.standard_size)
-    return model, vocab, grpo.LogitAdjust(1.0, bias, vocab)
+    bias = policy.padding_bias(vocab.total_size, len(tiny_tokenizer), vocab.standard_size)
+    return model, vocab, policy.LogitAdjust(1.0, bias, vocab)
 
 
 def chat_prompts(tok, thinking: bool, n: int) -> list[list[int]]:
@@ -38,7 +41,7 @@ def test_no_reasoning_id_outside_think_even_when_pushed(tiny_tokenizer):
     adjust.bias[vocab.end_think_id] += 3.0  # … make it leave think blocks often …
     adjust.bias[tiny_tokenizer.eos_token_id] = -math.inf  # … and keep every row going for the whole budget
     prompts = chat_prompts(tiny_tokenizer, True, 8) + chat_prompts(tiny_tokenizer, False, 16)
-    r = grpo.sample(model, prompts, adjust, max_new_tokens=80, eos_ids=[tiny_tokenizer.eos_token_id],
+    r = rollout.sample(model, prompts, adjust, max_new_tokens=80, eos_ids=[tiny_tokenizer.eos_token_id],
                     pad_id=tiny_tokenizer.pad_token_id, generator=th.Generator().manual_seed(0))  # fmt: skip
     inside = adjust.inside(r.completion_ids, r.start_inside)
     valid = r.completion_mask.bool()
@@ -58,7 +61,7 @@ def test_training_logprobs_equal_sampler_logprobs_with_the_gate(tiny_tokenizer):
         adjust.temperature = 0.8
         adjust.bias[vocab.end_think_id] += 3.0  # cross the gate inside the sequences
         prompts = chat_prompts(tiny_tokenizer, True, 3) + chat_prompts(tiny_tokenizer, False, 3)
-        r = grpo.sample(model, prompts, adjust, max_new_tokens=20, eos_ids=[tiny_tokenizer.eos_token_id],
+        r = rollout.sample(model, prompts, adjust, max_new_tokens=20, eos_ids=[tiny_tokenizer.eos_token_id],
                         pad_id=tiny_tokenizer.pad_token_id, generator=th.Generator().manual_seed(1))  # fmt: skip
         inside = adjust.inside(r.completion_ids, r.start_inside)
         assert (inside & r.completion_mask.bool()).any() and (~inside & r.completion_mask.bool()).any()
@@ -66,7 +69,7 @@ def test_training_logprobs_equal_sampler_logprobs_with_the_gate(tiny_tokenizer):
                                       adjust, r.start_inside, chunk=16)  # fmt: skip
         assert (logp - r.logp).abs().max() < 1e-5
         # Without the gate the same ids score differently: the training side really applies it.
-        ungated = grpo.LogitAdjust(adjust.temperature, adjust.bias)
+        ungated = policy.LogitAdjust(adjust.temperature, adjust.bias)
         other = grpo.sequence_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, ungated)
         assert (other - r.logp).abs().max() > 1e-3
 
@@ -81,11 +84,11 @@ def test_grpo_run_with_every_regular_token_copied(tmp_path, tiny_model_dir, tiny
     assert all(m["reasoning_outside"] == 0 for m in lines)
     assert first["think_len"] > 0 and "embed_drift" in first
     assert lines[-1]["embed_drift"] > 0  # the copies moved
-    ckpt = grpo.checkpoint_dirs(out)[-1]
+    ckpt = checkpoints.checkpoint_dirs(out)[-1]
     vocab = rvocab.load(ckpt)
     assert vocab.standard_size == len(tiny_tokenizer) + 4
     assert vocab.size == len(rvocab.regular_token_ids(tiny_tokenizer))
-    assert (ckpt / rvocab.MAP_FILE).exists() and (grpo.checkpoint_dirs(out)[0] / rvocab.MAP_FILE).exists()
+    assert (ckpt / rvocab.MAP_FILE).exists() and (checkpoints.checkpoint_dirs(out)[0] / rvocab.MAP_FILE).exists()
 
 
 def test_resume_with_reasoning_vocab_gives_identical_weights(tmp_path, tiny_model_dir):
@@ -97,9 +100,12 @@ def test_resume_with_reasoning_vocab_gives_identical_weights(tmp_path, tiny_mode
     straight = grpo.train(run_cfg(tiny_model_dir, tmp_path / "a", steps=4, **kw), score_fn=reward)
     grpo.train(run_cfg(tiny_model_dir, tmp_path / "b", steps=2, **kw), score_fn=reward)
     resumed = grpo.train(run_cfg(tiny_model_dir, tmp_path / "b", steps=4, **kw), score_fn=reward)
-    w_a, w_b = weights_of(grpo.checkpoint_dirs(straight)[-1]), weights_of(grpo.checkpoint_dirs(resumed)[-1])
+    w_a, w_b = (
+        weights_of(checkpoints.checkpoint_dirs(straight)[-1]),
+        weights_of(checkpoints.checkpoint_dirs(resumed)[-1]),
+    )
     assert all(th.equal(w_a[k], w_b[k]) for k in w_a)
-    assert rvocab.load(grpo.checkpoint_dirs(resumed)[-1]).size == 50
+    assert rvocab.load(checkpoints.checkpoint_dirs(resumed)[-1]).size == 50
     assert not math.isnan(json.loads((resumed / "metrics.jsonl").read_text().splitlines()[-1])["reasoning_frac"])
 
 
@@ -109,6 +115,6 @@ def test_entropy_over_text_equals_the_base_models_at_step_0():
     vocab = rvocab.ReasoningVocab(n_s, src, think_id=0, end_think_id=1)
     base = th.randn(4, n_s) * 3  # (B, n_s) the base model's logits
     expanded = vocab.adjust_logits(th.cat([base, base[:, src]], -1), th.ones(4, dtype=th.bool))
-    text_entropy = grpo.entropy_of(expanded, vocab)
-    assert th.allclose(text_entropy, grpo.entropy_of(base), atol=1e-5)
-    assert (grpo.entropy_of(expanded) > text_entropy + 1e-3).all()  # per id, the copies' split would inflate it
+    text_entropy = policy.entropy_of(expanded, vocab)
+    assert th.allclose(text_entropy, policy.entropy_of(base), atol=1e-5)
+    assert (policy.entropy_of(expanded) > text_entropy + 1e-3).all()  # per id, the copies' split would inflate it

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import grpo
+import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_sbatch_runs_ddp_to_completion(tmp_path, tiny_model_dir):
         assert final_state(job) == "COMPLETED"
         assert "2 rank(s)" in text  # both processes joined one data-parallel run
         assert metric_steps(out) == [1, 2, 3, 4]
-        final = grpo.checkpoint_dirs(out)[-1]
+        final = checkpoints.checkpoint_dirs(out)[-1]
         assert final.name == "step_000004" and (final / "trainer_state.pt").exists()
     finally:
         subprocess.run(["scancel", job], capture_output=True)
@@ -150,6 +150,6 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, tiny_model_dir
         assert text.index("preempted after step") < text.index("resumed from")
         assert text.count("[launch] job") == 2  # the first run and the requeued one, in one appended log
         assert metric_steps(out) == list(range(1, steps + 1))  # no step repeated or missing
-        assert grpo.checkpoint_dirs(out)[-1].name == f"step_{steps:06d}"
+        assert checkpoints.checkpoint_dirs(out)[-1].name == f"step_{steps:06d}"
     finally:
         subprocess.run(["scancel", job], capture_output=True)

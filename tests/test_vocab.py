@@ -171,18 +171,17 @@ def test_adjust_logits_rejects_mismatched_shapes(tiny_tokenizer):
 
 
 def test_size_zero_is_the_untouched_baseline(tiny_tokenizer):
+    """No reasoning vocabulary has one form, None: the model is left untouched and there is no map to gate with."""
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    vocab = add_reasoning_vocab(model, tiny_tokenizer, 0)
-    assert vocab.size == 0 and vocab.total_size == N_S and (vocab.think_id, vocab.end_think_id) == (THINK, END_THINK)
+    assert add_reasoning_vocab(model, tiny_tokenizer, 0) is None
+    assert add_reasoning_vocab(model, tiny_tokenizer, 5, source_ids=[]) is None
     after = model.state_dict()
     assert before.keys() == after.keys() and all(th.equal(before[k], after[k]) for k in before)
     assert model.config.vocab_size == N_S and getattr(model.config, "reasoning_vocab", None) is None
-    logits = th.randn(2, 3, N_S)
-    assert vocab.adjust_logits(logits, th.ones(2, 3, dtype=th.bool)) is logits
-    ids = th.tensor([[7, THINK, 8, END_THINK, 9]])
-    assert vocab.think_state(ids, th.tensor([False])).tolist() == [[False, True, True, False, False]]
-    assert vocab.stats(ids, th.ones_like(ids), th.ones_like(ids, dtype=th.bool))["reasoning_frac"] == 0.0
+    assert rv.load(model) is None
+    with pytest.raises(ValueError, match="is None"):
+        ReasoningVocab(N_S, th.tensor([], dtype=th.long), THINK, END_THINK)
 
 
 # --- think state ---------------------------------------------------------------------------------------------------

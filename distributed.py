@@ -1,0 +1,118 @@
+"""Data parallelism under torchrun, and preemption: every rank samples its own prompts; gradients and counts are
+summed over ranks; a SLURM signal on any rank stops every rank at the same safe point.
+
+    device = setup_distributed("auto")       # joins the process group when torchrun started us (NCCL/gloo)
+    rank, world_size = world()
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import torch as th
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(t: th.Tensor) -> th.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_cat(t: th.Tensor) -> th.Tensor:
+    """Concatenate equally shaped tensors from every rank along dim 0 (rank order)."""
+    if world()[1] == 1:
+        return t
+    parts = [th.empty_like(t) for _ in range(world()[1])]
+    dist.all_gather(parts, t.contiguous())
+    return th.cat(parts)
+
+
+def all_reduce_grads(params: list[th.Tensor], bucket: int = 2**26) -> None:
+    """Sum gradients over ranks in flat buckets. Each rank's loss is already divided by the global counts, so the
+    sum is exactly one process's gradient on the global batch. (Done by hand rather than by DDP's hooks: the
+    memory-flat log-probs call the decoder body and the output layer separately, outside a wrapped forward.)"""
+    if world()[1] == 1:
+        return
+    for q in params:
+        if q.grad is None:
+            q.grad = th.zeros_like(q)
+    i = 0
+    while i < len(params):
+        group, size = [], 0
+        while i < len(params) and (not group or size + params[i].numel() <= bucket):
+            group.append(params[i])
+            size += params[i].numel()
+            i += 1
+        flat = th.cat([q.grad.flatten() for q in group])
+        dist.all_reduce(flat)
+        for q, g in zip(group, flat.split([q.numel() for q in group]), strict=True):
+            q.grad.copy_(g.view_as(q))
+
+
+def pick_device(name: str) -> th.device:
+    if name == "auto":
+        return th.device("cuda" if th.cuda.is_available() else "cpu")
+    return th.device(name)
+
+
+_device = th.device("cpu")  # the collectives' device (CUDA under NCCL), set by setup_distributed
+
+
+def setup_distributed(device_name: str = "auto") -> th.device:
+    """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU); pick the device."""
+    global _device
+    device = pick_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = th.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            th.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _device = device
+    return device
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def teardown_distributed() -> None:
+    if world()[1] > 1:
+        dist.destroy_process_group()
+
+
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # SLURM's warning signal before a time limit, and preemption
+_preempted = threading.Event()
+
+
+def _on_preempt(signum, frame):
+    _preempted.set()
+
+
+def catch_preemption() -> None:
+    """Turn SIGUSR1/SIGTERM into a flag that the training loop polls (main thread only: signals need it)."""
+    if threading.current_thread() is threading.main_thread():
+        _preempted.clear()
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, _on_preempt)
+
+
+def stop_requested() -> bool:
+    """Whether this rank has received a preemption signal (local, no collective: for polling inside a rollout)."""
+    return _preempted.is_set()
+
+
+def preempted() -> bool:
+    """Whether any rank has received a preemption signal. A collective: every rank calls it at the same points."""
+    flag = th.tensor([float(_preempted.is_set())], device=_device)
+    return bool(all_reduce_sum(flag) > 0)

@@ -1,0 +1,127 @@
+"""The run directory's records: a step's metrics (metrics.jsonl, one JSON object per step), samples.jsonl, the console line, Weights &
+Biases, and atomic JSON writes (a temporary file, then os.replace)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch as th
+
+import vocab as rvocab
+from distributed import all_gather_cat, all_reduce_sum, world
+from policy import LogitAdjust
+from rollout import decode
+
+
+def step_metrics(step: int, out: dict, group_size: int, model, adjust: LogitAdjust, drift: bool) -> dict:
+    """The step's metrics over the global batch (every rank's rollouts), from grpo.grpo_step's `out`; with a
+    reasoning vocabulary its usage and, if `drift`, the embedding drift of the copies."""
+    r, stats, device = out["rollout"], out["stats"], out["rewards"].device
+    lengths = all_gather_cat(r.completion_mask.sum(-1).float())
+    rewards = all_gather_cat(out["rewards"])
+    accuracy = all_gather_cat(th.tensor(out["accuracy"], dtype=th.float32, device=device))
+    truncated = all_gather_cat(r.truncated.float())
+    entropy_sum = all_reduce_sum((r.entropy * r.completion_mask).sum().reshape(1).float())
+    grouped = rewards.view(-1, group_size)
+    m = {
+        "step": step,
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "accuracy": float(accuracy.mean()),
+        "frac_reward_zero_std": float((grouped.max(-1).values == grouped.min(-1).values).float().mean()),
+        "loss": stats["loss"],
+        "kl": stats["kl"],
+        "clip_frac": stats["clip_frac_low"] + stats["clip_frac_high"],
+        "clip_frac_low": stats["clip_frac_low"],
+        "clip_frac_high": stats["clip_frac_high"],
+        "ratio": stats["ratio"],
+        "completion_len": float(lengths.mean()),
+        "completion_len_max": float(lengths.max()),
+        "truncated_frac": float(truncated.mean()),
+        "entropy": float(entropy_sum / lengths.sum().clamp(min=1)),
+        "grad_norm": stats["grad_norm"],
+        "skipped_update": stats["skipped"],
+        "rollout_s": out["rollout_s"],
+        "update_s": out["update_s"],
+        "tokens_per_s": float(lengths.sum()) / (time.perf_counter() - out["t0"]),
+    }
+    vocab = adjust.vocab
+    if vocab is not None:
+        local = vocab.stats(r.completion_ids, r.completion_mask, adjust.inside(r.completion_ids, r.start_inside))
+        keys = ("reasoning_frac", "reasoning_outside", "think_len")
+        summed = all_reduce_sum(th.tensor([local[k] for k in keys], device=device))
+        world_size = world()[1]
+        m.update(reasoning_frac=float(summed[0]) / world_size, reasoning_outside=float(summed[1]),
+                 think_len=float(summed[2]) / world_size)  # fmt: skip
+        if drift:
+            m.update(rvocab.embed_drift(model, vocab))
+    return m
+
+
+def sample_records(step: int, batch: list, out: dict, tokenizer, vocab, group_size: int) -> list[dict]:
+    """One sample from each of the first 4 groups, reasoning tokens ⟦marked⟧, for samples.jsonl."""
+    r = out["rollout"]
+    return [
+        {"step": step, "problem": batch[i // group_size].problem, "answer": out["answers"][i],
+         "reward": float(out["rewards"][i]),
+         "completion": decode(tokenizer, vocab, r.completion_ids[i][r.completion_mask[i].bool()].tolist(), mark=True)}
+        for i in range(0, min(len(r.texts), 4 * group_size), group_size)
+    ]  # fmt: skip
+
+
+def log_step(output_dir: Path, m: dict, steps: int, run) -> None:
+    """Append the step's metrics to metrics.jsonl, print its line, and log it to wandb (`run`, or None)."""
+    with (output_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(m) + "\n")
+    if "reward" in m:  # the step-0 line holds only the evaluation (printed by itself)
+        print(
+            f"step {m['step']:>4}/{steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
+            f"len {m['completion_len']:.0f} | kl {m['kl']:.4f} | ent {m['entropy']:.2f} | "
+            f"{m['rollout_s']:.1f}s+{m['update_s']:.1f}s"
+            + (" | SKIPPED non-finite update" if m["skipped_update"] else ""),
+            flush=True,
+        )
+    if run is not None:
+        run.log(m, step=m["step"])
+
+
+def log_samples(output_dir: Path, samples: list[dict], run) -> None:
+    """Append sample completions to samples.jsonl, print the first, and log them to wandb as a table."""
+    with (output_dir / "samples.jsonl").open("a") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    print(f"  sample (reward {samples[0]['reward']:.2f}): {samples[0]['completion'][:200]!r}", flush=True)
+    if run is not None:
+        import wandb  # only with --wandb online/offline
+
+        cols = ["step", "problem", "answer", "reward", "completion"]
+        run.log({"samples": wandb.Table(columns=cols, data=[[s[c] for c in cols] for s in samples])}, step=samples[0]["step"])  # fmt: skip
+
+
+def truncate_metrics(output_dir: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint we resume from (written after it, before a crash), atomically."""
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = [s for s in path.read_text().splitlines() if s.strip() and json.loads(s)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(s + "\n" for s in lines))
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object per line, written to a temporary file and renamed into place."""
+    _write_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+
+
+def write_json(path: Path, obj) -> None:
+    _write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

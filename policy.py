@@ -1,0 +1,111 @@
+"""The policy π: the model's next-token distribution after `LogitAdjust`, one rule for sampling and for training.
+
+    z = lm_head(h) / T + b_pad + gate(inside)        π(·|q, o_<t) = softmax(z)
+
+h is the decoder's last hidden state (the output layer always runs in fp32), T the temperature, b_pad −∞ on embedding
+rows the tokenizer cannot produce (Qwen pads 151,669 → 151,936), and gate the reasoning vocabulary's think gate and
+offset (vocab.py). The sampler and every training log-prob (policy, old, reference) call the same `LogitAdjust`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch as th
+import torch.nn.functional as F
+
+import vocab as rvocab
+
+
+@dataclass
+class LogitAdjust:
+    """Raw lm_head logits → the policy's logits: z / T, then −∞ on rows never to be sampled (Qwen pads its embedding
+    beyond the tokenizer), then the reasoning-vocabulary gate. Temperature comes before the gate's offset so that
+    step-0 invariance holds at every temperature. `vocab` None: no reasoning vocabulary."""
+
+    temperature: float
+    bias: th.Tensor  # (V,) 0, or −∞ on padding rows
+    vocab: rvocab.ReasoningVocab | None = None
+
+    def __call__(self, logits: th.Tensor, inside: th.Tensor | None) -> th.Tensor:
+        z = logits.float() / self.temperature + self.bias.to(logits.device)
+        if self.vocab is not None:
+            z = self.vocab.adjust_logits(z, inside)
+        return z
+
+    def inside(self, completion_ids: th.Tensor, start_inside: th.Tensor | None) -> th.Tensor | None:
+        """(B, T) think state *before* each completion token — the state its logits were adjusted with."""
+        if self.vocab is None:
+            return None
+        after = self.vocab.think_state(completion_ids, start_inside)
+        return th.cat([start_inside[:, None], after[:, :-1]], dim=1)
+
+
+def padding_bias(num_rows: int, num_tokens: int, standard_size: int) -> th.Tensor:
+    """(num_rows,) bias: −∞ on embedding rows in [num_tokens, standard_size) that the tokenizer cannot produce."""
+    bias = th.zeros(num_rows)
+    bias[num_tokens:standard_size] = -math.inf
+    return bias
+
+
+def model_adjust(model, tokenizer, vocab: rvocab.ReasoningVocab | None, temperature: float) -> LogitAdjust:
+    """The policy's LogitAdjust for a (possibly expanded) model: its rows beyond the tokenizer masked, its gate."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    standard_size = vocab.standard_size if vocab is not None else rows
+    bias = padding_bias(rows, len(tokenizer), standard_size).to(model.get_input_embeddings().weight.device)
+    return LogitAdjust(temperature, bias, vocab)
+
+
+def lm_head_fp32(head: th.nn.Linear, hidden: th.Tensor) -> th.Tensor:
+    """The output layer (`model.get_output_embeddings()`) in fp32 even under bf16 autocast or on bf16 hidden states:
+    bf16 log-probs are noisy and batch-shape dependent."""
+    with th.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+
+
+def entropy_of(z: th.Tensor, vocab: rvocab.ReasoningVocab | None = None) -> th.Tensor:
+    """H(softmax(z)) over the last dim, safe with −∞ entries.
+
+    With a reasoning vocabulary, the entropy over *text*: copies merged into their sources. Per id, splitting a
+    token's mass between it and its copy would add up to log 2 without changing the text, so only this figure is
+    comparable between a baseline run and a reasoning run (at step 0 they are equal)."""
+    if vocab is not None:
+        p = vocab.text_probs(z.softmax(-1))  # (B, n_s)
+        return -(p * p.clamp_min(th.finfo(p.dtype).tiny).log()).sum(-1)  # 0 · log 0 = 0
+    lse = z.logsumexp(-1, keepdim=True)
+    p = (z - lse).exp()
+    return (lse.squeeze(-1) - (p * z.masked_fill(z.isinf(), 0.0)).sum(-1)).float()
+
+
+Generators = th.Generator | list[th.Generator] | None  # one for the batch, or one per row
+
+
+def sample_tokens(
+    z: th.Tensor, top_p: float, generator: Generators, greedy: bool = False
+) -> tuple[th.Tensor, th.Tensor]:
+    """Exact sampling from softmax(z) (B, V) → (tokens (B,), log-probs (B,) under the distribution sampled from);
+    `greedy` takes the argmax instead (evaluation).
+
+    Exponential race (Gumbel-max): argmax_i z_i − log E_i with E_i ~ Exp(1) i.i.d. picks i with probability
+    softmax(z)_i, because −log E_i is standard Gumbel noise. One elementwise pass and one argmax over V instead of a
+    multinomial's cumulative sum and search over 152k entries; −∞ rows can never win. With one generator per row
+    a row's samples do not depend on which other rows share its batch (or rank)."""
+    if greedy:
+        tokens = z.argmax(-1)
+        return tokens, z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(-1)
+    if top_p < 1.0:  # keep the smallest set of top tokens whose mass reaches top_p, renormalised
+        sorted_z, order = z.sort(dim=-1, descending=True)
+        mass_before = sorted_z.softmax(-1).cumsum(-1) - sorted_z.softmax(-1)
+        sorted_z = sorted_z.masked_fill(mass_before >= top_p, -math.inf)
+        z = th.full_like(z, -math.inf).scatter(-1, order, sorted_z)
+    u = th.empty_like(z)  # U(0, 1), then E = −log U ~ Exp(1); U = 0 gives E = ∞, a token that cannot win
+    if isinstance(generator, list):
+        for row, g in zip(u, generator, strict=True):
+            row.uniform_(generator=g)
+    else:
+        u.uniform_(generator=generator)
+    race = u.log_().neg_()  # uniform + log: ~3× faster than exponential_ on CPU, the same on GPU
+    tokens = (z - race.log_()).argmax(-1)
+    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(-1)
+    return tokens, logp

@@ -1,0 +1,333 @@
+"""Rollouts: prompts and per-sample seeds in, completions out — scored-ready text and the tensors training needs.
+
+    r = rollout(model, tokenizer, prompts, seeds, adjust, max_new_tokens=..., batch_size=64)
+    rewards = score(reward_texts(r.texts, r.opened_think), answers)
+
+`rollout` is the one entry point (training, evaluation and bench.py call it). Underneath, `sample` is a batched
+KV-cache loop: one prefill of the left-padded prompts, then one token per step drawn from the policy (`LogitAdjust`,
+policy.py) by the exponential race. Each sample has its own generator seeded by the caller, so a sample does not
+depend on its batch, its rank, or a resume.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch as th
+import torch.nn.functional as F
+
+import vocab as rvocab
+from policy import Generators, LogitAdjust, entropy_of, lm_head_fp32, sample_tokens
+
+
+@dataclass
+class Rollout:
+    prompt_ids: th.Tensor  # (B, P) left-padded
+    prompt_mask: th.Tensor  # (B, P) 1 on real prompt tokens
+    completion_ids: th.Tensor  # (B, T) pad after EOS
+    completion_mask: th.Tensor  # (B, T) 1 up to and including EOS
+    truncated: th.Tensor  # (B,) bool: no EOS within max_new_tokens
+    logp: th.Tensor  # (B, T) log-prob of each sampled token under the distribution it was sampled from
+    entropy: th.Tensor  # (B, T) entropy of the policy over text at each position (see policy.entropy_of)
+    start_inside: th.Tensor | None  # (B,) think state at the first completion token (reasoning vocab only)
+    texts: list[str] | None = None  # B completions as text, reasoning ids mapped to their sources (`rollout`)
+    opened_think: list[bool] | None = None  # B flags: the prompt opened a think block (`rollout`)
+
+
+@th.no_grad()
+def rollout(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    seeds: list[int],
+    adjust: LogitAdjust,
+    *,
+    max_new_tokens: int,
+    eos_ids: list[int] | None = None,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 0,
+    autocast: bool = False,
+    static_cache: bool = False,
+    should_stop=None,
+) -> Rollout:
+    """One completion per (prompt ids, seed), sampled from the policy `adjust` in batches of `batch_size` (0: all at
+    once) under bf16 autocast if `autocast`, decoded to text. eos_ids default to the model's (`eos_token_ids`).
+    A `should_stop()` that turns true ends the rollout early (e.g. preemption); the caller discards it."""
+    device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids
+    generators = [th.Generator(device=device).manual_seed(s) for s in seeds]
+    chunk = batch_size or len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
+            parts = [
+                sample(
+                    model,
+                    prompts[s : s + chunk],
+                    adjust,
+                    max_new_tokens=max_new_tokens,
+                    eos_ids=eos_ids,
+                    pad_id=tokenizer.pad_token_id,
+                    top_p=top_p,
+                    generator=generators[s : s + chunk],
+                    greedy=greedy,
+                    static_cache=static_cache,
+                    should_stop=should_stop,
+                )  # fmt: skip
+                for s in range(0, len(prompts), chunk)
+            ]
+    finally:
+        model.train(was_training)
+    r = concat_rollouts(parts, tokenizer.pad_token_id)
+    ids, mask = r.completion_ids.cpu(), r.completion_mask.cpu()
+    r.texts = [decode(tokenizer, adjust.vocab, row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
+    tags = rvocab.think_tag_ids(tokenizer)  # (<think>, </think>) ids, or None
+    r.opened_think = [tags is not None and rvocab.opens_think(p, *tags) for p in prompts]
+    return r
+
+
+def reward_texts(completions: list[str], prompt_opened_think: list[bool]) -> list[str]:
+    """What the reward reads. A prompt that opens the think block (Qwen3's thinking template) makes the completion
+    start inside it: the reward must see that opening tag, or a box inside an unclosed think block would count as
+    the answer."""
+    return [rvocab.THINK + t if o else t for t, o in zip(completions, prompt_opened_think, strict=True)]
+
+
+def decode(tokenizer, vocab: rvocab.ReasoningVocab | None, ids: list[int], mark: bool = False) -> str:
+    """Completion text as the reward sees it: reasoning ids mapped to their standard tokens (⟦marked⟧ for logs)."""
+    if vocab is not None:
+        return vocab.decode(ids, tokenizer, mark=mark)
+    return tokenizer.decode(ids)
+
+
+def sample_seed(seed: int, step: int, index: int, j: int) -> int:
+    """Seed of the j-th sample of dataset row `index` at `step`: the same whichever rank or batch samples it, so
+    runs with any number of ranks, and resumed runs, sample the same completions."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + index) * 1_009 + j
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's (e.g. <|im_end|>)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(extra if isinstance(extra, list) else [extra])
+    ids.discard(None)
+    if not ids:
+        raise ValueError("the tokenizer and generation config define no EOS token")
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sampler
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[th.Tensor, th.Tensor]:
+    """Left-pad id lists to (B, P) ids and mask, so every row's next token sits in the last column."""
+    width = max(len(s) for s in seqs)
+    ids = th.full((len(seqs), width), pad_id, dtype=th.long)
+    mask = th.zeros((len(seqs), width), dtype=th.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = th.tensor(s, dtype=th.long)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def positions(mask: th.Tensor) -> th.Tensor:
+    """Position ids that ignore left padding: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@th.no_grad()
+def sample(
+    model,
+    prompts: list[list[int]],
+    adjust: LogitAdjust,
+    *,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    top_p: float = 1.0,
+    generator: Generators = None,
+    greedy: bool = False,
+    static_cache: bool = False,
+    stop_check_every: int = 8,
+    should_stop=None,
+) -> Rollout:
+    """Batched sampling with the model's KV cache: one prefill of the left-padded prompts, then one token per step.
+
+    Each row stops at its own EOS (an EOS inside a prompt does not count) or at max_new_tokens. The host reads the
+    done flags only every `stop_check_every` steps; `should_stop()` (e.g. a preemption signal) is polled then too and
+    ends the rollout early (the caller discards it). `static_cache` decodes with `static_decoder` (a CUDA graph on
+    GPU); the tokens are the same either way."""
+    device = next(model.parameters()).device
+    body = model.base_model
+    cache_kw = cache_keyword(body)
+    prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, pad_id))
+    B = prompt_ids.shape[0]
+    eos = th.tensor(eos_ids, device=device)
+    vocab = adjust.vocab
+    start_inside = vocab.prompt_inside(prompts).to(device) if vocab is not None else None
+    inside = start_inside
+
+    if static_cache:
+        hidden, decode_step = static_decoder(body, prompt_ids, prompt_mask, max_new_tokens, device.type == "cuda")
+    else:  # the model's growing cache; the 2-D mask gains a column per step
+        out = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
+                   use_cache=True)  # fmt: skip
+        hidden, state = out.last_hidden_state[:, -1], {"cache": kv_cache(out), "mask": prompt_mask}
+
+        def decode_step(tokens: th.Tensor, pos: th.Tensor, t: int) -> th.Tensor:
+            state["mask"] = th.cat([state["mask"], th.ones_like(state["mask"][:, :1])], dim=1)
+            out = body(input_ids=tokens[:, None], attention_mask=state["mask"], position_ids=pos[:, None],
+                       use_cache=True, **{cache_kw: state["cache"]})  # fmt: skip
+            state["cache"] = kv_cache(out)
+            return out.last_hidden_state[:, -1]
+
+    next_pos = prompt_mask.sum(-1)  # (B,)
+    done = th.zeros(B, dtype=th.bool, device=device)
+    tokens, logps, ents, alive = [], [], [], []
+    for t in range(max_new_tokens):
+        z = adjust(lm_head_fp32(model.get_output_embeddings(), hidden), inside)  # (B, V)
+        tok, lp = sample_tokens(z, top_p, generator, greedy)
+        ents.append(entropy_of(z, vocab))
+        tok = tok.masked_fill(done, pad_id)
+        tokens.append(tok)
+        logps.append(lp)
+        alive.append(~done)
+        done = done | th.isin(tok, eos)
+        if vocab is not None:
+            inside = vocab.step_state(inside, tok)
+        if t == max_new_tokens - 1:
+            break
+        if (t + 1) % stop_check_every == 0 and (bool(done.all()) or (should_stop is not None and should_stop())):
+            break
+        hidden = decode_step(tok, next_pos, t)  # (B, H)
+        next_pos = next_pos + 1
+
+    completion_mask = th.stack(alive, 1).long()  # (B, T): alive before the token ⇒ the token (EOS included) counts
+    T = int(completion_mask.sum(-1).max())  # trim the steps after the last row stopped
+    completion_ids = th.stack(tokens, 1)[:, :T]
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask[:, :T],
+        truncated=~done,
+        logp=th.stack(logps, 1)[:, :T] * completion_mask[:, :T],
+        entropy=th.stack(ents, 1)[:, :T],
+        start_inside=start_inside,
+    )
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Join rollout chunks, padding prompts on the left and completions on the right."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    T = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(x, width, value, left=False):
+        extra = width - x.shape[1]
+        return F.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+    cat = lambda f, w, v, left=False: th.cat([pad(getattr(p, f), w, v, left) for p in parts])  # noqa: E731
+    return Rollout(
+        prompt_ids=cat("prompt_ids", P, pad_id, True),
+        prompt_mask=cat("prompt_mask", P, 0, True),
+        completion_ids=cat("completion_ids", T, pad_id),
+        completion_mask=cat("completion_mask", T, 0),
+        truncated=th.cat([p.truncated for p in parts]),
+        logp=cat("logp", T, 0.0),
+        entropy=cat("entropy", T, 0.0),
+        start_inside=th.cat([p.start_inside for p in parts]) if parts[0].start_inside is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers' decoder body as a decode step: its KV cache, and a fixed-size cache replayed as a CUDA graph
+
+
+def cache_keyword(body) -> str:
+    """The KV-cache argument's name: transformers renamed `past_key_values` to `cache` during 5.x; support both."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def kv_cache(out):
+    return out.cache if "cache" in out else out.past_key_values
+
+
+def static_decoder(body, prompt_ids: th.Tensor, prompt_mask: th.Tensor, max_new_tokens: int, graph: bool):
+    """Prefill into a fixed-size KV cache, then return decode(tokens (B,), positions (B,), t) → hidden (B, H).
+
+    Every decode step then has the same shapes and buffer addresses: the cache holds P + max_new_tokens slots, a
+    (B, 1, 1, slots) boolean mask marks the slots each row attends (its prompt's real tokens, then one slot per step),
+    and the new token goes to slot P + t. With `graph` (CUDA), the step is captured once as a CUDA graph and replayed:
+    one launch instead of the ~20 kernel launches per layer that make small-batch decoding launch-bound. The price is
+    attention over all slots at every step, so it pays where launches, not KV reads, dominate (bench.py measures)."""
+    from transformers import StaticCache
+
+    if body.config._attn_implementation != "sdpa":
+        raise ValueError(
+            f"the static decoder passes a boolean SDPA mask; this model uses {body.config._attn_implementation!r}"
+        )
+    B, P = prompt_ids.shape
+    device, kw = prompt_ids.device, cache_keyword(body)
+    cache = StaticCache(config=body.config, max_cache_len=P + max_new_tokens)
+    for layer in cache.layers:
+        _values_keep_their_dtype(layer)
+    out = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask), use_cache=True,
+               **{kw: cache})  # fmt: skip
+    for layer in cache.layers:  # drop the shim: it refers to its layer, a cycle that would hold the cache until gc
+        vars(layer).pop("lazy_initialization", None)
+    attend = th.zeros(B, 1, 1, P + max_new_tokens, dtype=th.bool, device=device)  # (B, 1, 1, slots)
+    attend[:, 0, 0, :P] = prompt_mask.bool()
+    tok_in = th.zeros(B, 1, dtype=th.long, device=device)  # the step's inputs live in fixed buffers
+    pos_in = th.zeros(B, 1, dtype=th.long, device=device)
+
+    def step() -> th.Tensor:
+        out = body(input_ids=tok_in, attention_mask=attend, position_ids=pos_in, use_cache=True, **{kw: cache})
+        return out.last_hidden_state[:, -1]
+
+    captured: dict = {}
+
+    def decode(tokens: th.Tensor, pos: th.Tensor, t: int) -> th.Tensor:
+        tok_in.copy_(tokens[:, None])
+        pos_in.copy_(pos[:, None])
+        attend[:, 0, 0, P + t] = True
+        if not graph:
+            return step()
+        if "graph" not in captured:  # the first step runs eagerly (it warms up the kernels), the second is captured
+            if t == 0:
+                stream = th.cuda.Stream()
+                stream.wait_stream(th.cuda.current_stream())
+                with th.cuda.stream(stream):
+                    hidden = step()
+                th.cuda.current_stream().wait_stream(stream)
+                return hidden
+            g = th.cuda.CUDAGraph()
+            # Autocast's weight-cast cache must stay off while capturing; the captured casts read the live weights.
+            dtype, enabled = th.get_autocast_dtype("cuda"), th.is_autocast_enabled("cuda")
+            with th.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False), th.cuda.graph(g):
+                captured["hidden"] = step()
+            captured["graph"] = g
+        captured["graph"].replay()  # capture only records: the captured step runs here too
+        return captured["hidden"]
+
+    return out.last_hidden_state[:, -1], decode
+
+
+def _values_keep_their_dtype(layer) -> None:
+    """Some transformers 5.x static cache layers allocate values in the keys' dtype. Under bf16 autocast with fp32
+    weights the keys leave Qwen3's fp32 k_norm as fp32 while the values stay bf16, so re-allocate the values."""
+    init = layer.lazy_initialization
+
+    def lazy_initialization(key_states: th.Tensor, value_states: th.Tensor, *args, **kwargs) -> None:
+        init(key_states, value_states, *args, **kwargs)
+        if layer.values.dtype != value_states.dtype:
+            layer.values = th.zeros_like(layer.values, dtype=value_states.dtype)
+
+    layer.lazy_initialization = lazy_initialization
