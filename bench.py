@@ -35,6 +35,7 @@ import torch as th  # noqa: E402
 
 import bench_gpu  # noqa: E402
 import checkpoints  # noqa: E402
+import engine  # noqa: E402
 import grpo  # noqa: E402
 import policy  # noqa: E402
 import rollout  # noqa: E402
@@ -182,7 +183,7 @@ def bench_mask_vs_text(B: int = 8, P: int = 64, L: int = 1024) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. Rollouts: rollout.sample vs HF generate
+# 3. Rollouts: the engine vs HF generate, fixed lengths
 
 
 def bench_rollout(model, V: int, adjust: policy.LogitAdjust, B: int, P: int, N: int, pad_id: int, low: int) -> dict:
@@ -194,9 +195,9 @@ def bench_rollout(model, V: int, adjust: policy.LogitAdjust, B: int, P: int, N: 
     gc_.eos_token_id, gc_.pad_token_id, gc_.bos_token_id = None, pad_id, None  # never stops early: EOS disabled
 
     def ours():
-        gen = th.Generator().manual_seed(0)
-        r = rollout.sample(model, prompts, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=pad_id, generator=gen)
-        assert r.completion_ids.shape == (B, N)
+        gens = [th.Generator().manual_seed(i) for i in range(B)]
+        ids = engine.generate(model, prompts, gens, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=pad_id, slots=B)[0]
+        assert ids.shape == (B, N)
 
     def hf():
         th.manual_seed(0)
@@ -317,6 +318,89 @@ def bench_trl() -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# 6. The engine on a GRPO-like workload: long-tailed lengths, some truncated; vs HF generate and vs no refill
+
+
+def engine_contest(model, prompts: list[list[int]], adjust, eos_ids: list[int], pad_id: int, N: int, S: int,
+                   repeats: int = 1) -> dict:  # fmt: skip
+    """Real completion tokens per second of HF `generate` (batches of S, each until its longest row ends), the
+    engine (S slots, refilled) and the engine without refill, on the same jobs, EOS ids and length limit N."""
+    gen_cfg = copy.deepcopy(model.generation_config)
+    gen_cfg.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, min_new_tokens=0)
+    gen_cfg.eos_token_id, gen_cfg.pad_token_id, gen_cfg.bos_token_id = eos_ids, pad_id, None
+    eos = th.tensor(eos_ids)
+
+    def hf() -> list[int]:
+        lengths = []
+        for s in range(0, len(prompts), S):
+            ids, mask = rollout.left_pad(prompts[s : s + S], pad_id)
+            new = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, ids.shape[1] :]
+            ended = th.isin(new, eos)  # a row's real tokens: up to and including its first EOS
+            first = th.where(ended.any(-1), ended.int().argmax(-1) + 1, th.full((len(new),), new.shape[1]))
+            lengths += first.tolist()
+        return lengths
+
+    def ours(refill: bool) -> list[int]:
+        gens = [th.Generator().manual_seed(i) for i in range(len(prompts))]
+        mask = engine.generate(model, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos_ids, pad_id=pad_id,
+                               slots=S, refill=refill)[1]  # fmt: skip
+        return mask.sum(-1).tolist()
+
+    runs = {"hf": hf, "engine": lambda: ours(True), "no_refill": lambda: ours(False)}
+    rates, lengths = {k: [] for k in runs}, {}
+    with th.inference_mode():
+        for _ in range(repeats):  # interleaved, so that drift hits every contender alike
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                lengths[name] = fn()
+                rates[name].append(sum(lengths[name]) / (time.perf_counter() - t0))
+    tok_s = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"[engine contest] {json.dumps(tok_s)}", file=sys.stderr, flush=True)
+    own = sorted(lengths["engine"])
+    # Static batches of S decode S × (their longest) row-steps: the most that refill can gain on this workload.
+    batches = [lengths["engine"][s : s + S] for s in range(0, len(prompts), S)]
+    bound = sum(len(b) * max(b) for b in batches) / sum(lengths["engine"])
+    return {"jobs": len(prompts), "slots": S, "max_new_tokens": N, **{f"{k}_tok_s": v for k, v in tok_s.items()},
+            "speedup_vs_hf": tok_s["engine"] / tok_s["hf"], "speedup_vs_no_refill": tok_s["engine"] / tok_s["no_refill"],
+            "mean_len": {k: sum(v) / len(v) for k, v in lengths.items()}, "median_len": own[len(own) // 2],
+            "max_len": own[-1], "truncated_frac": sum(n == N for n in own) / len(own), "refill_bound": bound}  # fmt: skip
+
+
+def bench_engine(jobs: int = 64, slots: int = 8, N: int = 160) -> dict:
+    """The random Qwen3-shaped model (V = 151,936) with an EOS hazard — a set of EOS ids holding ~1/48 of its nearly
+    flat distribution, so lengths are geometric with mean ~48, a tail to N and a few truncated — and SmolLM2-135M
+    answering arithmetic questions with its own EOS (lengths 10 to N, a fifth truncated). The same jobs and limits
+    for every contender."""
+    g = th.Generator().manual_seed(6)
+    out = {}
+    model = random_qwen3(QWEN3_ROWS, hidden=128, layers=2)
+    eos_ids = th.randperm(QWEN3_BASE, generator=g)[: QWEN3_ROWS // 48].tolist()
+    lens = th.randint(16, 49, (jobs,), generator=g).tolist()
+    prompts = [th.randint(0, QWEN3_BASE, (n,), generator=g).tolist() for n in lens]
+    prompts = [[t for t in p if t not in set(eos_ids)] or [0] for p in prompts]
+    out["qwen3_random_v151936"] = engine_contest(model, prompts, qwen3_adjust(QWEN3_ROWS, None), eos_ids, QWEN3_BASE,
+                                                 N, slots)  # fmt: skip
+    del model
+    gguf = checkpoints.smollm2_gguf()
+    if Path(gguf).exists():
+        model, tok = checkpoints.load_model_and_tokenizer(gguf, th.device("cpu"))
+        model.eval()
+        adjust = policy.model_adjust(model, tok, None, 1.0)
+        problems = [
+            f"What is {a} + {b}? Put your final answer in \\boxed{{}}."
+            for a, b in th.randint(1, 99, (jobs, 2), generator=g).tolist()
+        ]
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in problems]  # fmt: skip
+        prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
+        out["smollm2_135m"] = engine_contest(model, prompts, adjust, rollout.eos_token_ids(model, tok),
+                                             tok.pad_token_id, N, slots)  # fmt: skip
+    else:
+        out["smollm2_135m"] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -379,6 +463,19 @@ def report(results: dict) -> str:
         )
     elif "trl" in results:
         lines.append("| step_speedup_vs_trl | — | skipped | needs the `bench` extra (TRL) and the Qwen3 tokenizer |")
+    for name, r in (results.get("engine") or {}).items():
+        if r is None:
+            lines.append(f"| engine_speedup_vs_hf ({name}) | — | skipped | model not installed |")
+            continue
+        for key, value in (("engine_speedup_vs_hf", r["speedup_vs_hf"]), ("engine_speedup_vs_no_refill",
+                                                                          r["speedup_vs_no_refill"])):  # fmt: skip
+            lines.append(
+                f"| {key} ({name}) | {value:.2f} | {met(key, value)} | {r['jobs']} jobs, {r['slots']} slots, up to "
+                f"{r['max_new_tokens']} tokens (mean {r['mean_len']['engine']:.0f}, median {r['median_len']}, "
+                f"{r['truncated_frac']:.0%} truncated): engine {r['engine_tok_s']:.0f}, no refill "
+                f"{r['no_refill_tok_s']:.0f}, HF {r['hf_tok_s']:.0f} tokens/s; refill can gain at most "
+                f"{r['refill_bound']:.2f}× here (static batches' row-steps ÷ real tokens) |"
+            )
     sc = results.get("update_scaling")
     if sc:
         chunk = grpo.Config().logprob_chunk
@@ -401,10 +498,22 @@ def report(results: dict) -> str:
     return "\n".join(lines + ["", "Why a target is missed, with profiles: docs/benchmarks.md."])
 
 
+SECTIONS = {
+    "logprob": bench_logprob_memory,
+    "mask_overhead": bench_mask_overhead,
+    "mask_vs_text": bench_mask_vs_text,
+    "rollout": bench_rollouts,
+    "update_scaling": bench_update_scaling,
+    "trl": bench_trl,
+    "engine": bench_engine,
+}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU sections")
+    parser.add_argument("--only", choices=list(SECTIONS), nargs="+", help="run just these CPU sections")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     args = parser.parse_args(argv)
     if args.child:
@@ -429,28 +538,25 @@ def main(argv: list[str] | None = None) -> dict:
         return results
 
     th.set_num_threads(2)
-    sections = [
-        ("logprob", bench_logprob_memory),
-        ("mask_overhead", bench_mask_overhead),
-        ("mask_vs_text", bench_mask_vs_text),
-        ("rollout", bench_rollouts),
-        ("update_scaling", bench_update_scaling),
-        ("trl", bench_trl),
-    ]
-    for name, fn in sections:
+    for name in args.only or SECTIONS:
         t = time.perf_counter()
-        results[name] = fn()
+        results[name] = SECTIONS[name]()
         print(f"[{name}: {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
     results["seconds"] = time.perf_counter() - t0
-    lp, mo, mt, ro = (results.get(k) for k in ("logprob", "mask_overhead", "mask_vs_text", "rollout"))
+    lp, mo, mt, ro, en = (results.get(k) for k in ("logprob", "mask_overhead", "mask_vs_text", "rollout", "engine"))
     speedups = [r["speedup"] for k, r in (ro or {}).items() if k != "draw_ms" and r is not None]
+    contests = [r for r in (en or {}).values() if r is not None]
     results["keys"] = {
         "logprob_mem_ratio": lp["logprob_mem_ratio"] if lp else None,
         "mask_overhead": mo["mask_overhead"] if mo else None,
         "mask_speedup_vs_text_processor": mt["mask_speedup_vs_text_processor"] if mt else None,
         "rollout_speedup_vs_hf": min(speedups) if speedups else None,  # the worse of the two models
         "step_speedup_vs_trl": results["trl"]["step_speedup_vs_trl"] if results.get("trl") else None,
+        # the worse of the two models, each a GRPO-like long-tailed workload
+        "engine_speedup_vs_hf": min(r["speedup_vs_hf"] for r in contests) if contests else None,
+        "engine_speedup_vs_no_refill": min(r["speedup_vs_no_refill"] for r in contests) if contests else None,
     }
+    results["keys"] = {k: v for k, v in results["keys"].items() if v is not None or args.only is None}
     print(report(results))
     print(f"\ntotal {results['seconds']:.0f} s")
     if args.json:

@@ -16,6 +16,7 @@ import torch as th
 import transformers
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import engine
 import grpo
 import policy
 import rollout
@@ -151,7 +152,10 @@ def logprob_step(model, r: rollout.Rollout, adjust: policy.LogitAdjust, chunk: i
             ids = th.cat([r.prompt_ids, r.completion_ids], 1)
             mask = th.cat([r.prompt_mask, th.ones_like(r.completion_mask)], 1)  # as grpo.sequence_logprobs
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, P - 1 : -1]
-            z = adjust(policy.lm_head_fp32(model.get_output_embeddings(), hidden), adjust.inside(r.completion_ids, r.start_inside))
+            z = adjust(
+                policy.lm_head_fp32(model.get_output_embeddings(), hidden),
+                adjust.inside(r.completion_ids, r.start_inside),
+            )
             logp = z.log_softmax(-1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
     adv = th.ones(r.completion_ids.shape[0], device=logp.device)
     loss, _ = grpo.policy_loss(logp, logp.detach(), None, adv, r.completion_mask, eps_low=0.2, eps_high=0.28,
@@ -176,8 +180,8 @@ def seconds(fn, device: str | None = None) -> float:
 
 
 def bench_mask_overhead(model=None, B: int = 8, P: int = 32, N: int = 32, device: str = "cpu") -> dict:
-    """rollout.sample on the same V = 303,872 model (by default a small random one), with the gate (prompts end in
-    <think>) and without it; on CUDA under bf16 autocast, as training samples."""
+    """The engine on the same V = 303,872 model (by default a small random one), with the gate (prompts end in
+    <think>) and without it; on CUDA from a bf16 copy with the fp32 head, as training samples."""
     model = model if model is not None else random_qwen3(DOUBLED, hidden=128, layers=2)
     g = th.Generator().manual_seed(1)
     prompts = th.randint(0, QWEN3_BASE, (B, P), generator=g)
@@ -186,10 +190,12 @@ def bench_mask_overhead(model=None, B: int = 8, P: int = 32, N: int = 32, device
     with_mask, without = qwen3_adjust(DOUBLED, doubled_vocab()), qwen3_adjust(DOUBLED, None)
     with_mask.bias, without.bias = with_mask.bias.to(device), without.bias.to(device)
 
+    sampler = rollout.sampling_copy(model) if device == "cuda" else model
+
     def run(adjust):
-        gen = th.Generator(device).manual_seed(0)
-        with th.autocast(device, dtype=th.bfloat16, enabled=device == "cuda"):
-            rollout.sample(model, prompts, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, generator=gen)
+        gens = [th.Generator(device).manual_seed(i) for i in range(B)]
+        engine.generate(sampler, prompts, gens, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, slots=B,
+                        head=model.get_output_embeddings())  # fmt: skip
 
     times = {"mask": [], "none": []}
     run(with_mask), run(without)  # warm-up
@@ -206,6 +212,8 @@ TARGETS = {  # key: (comparison, target)
     "mask_speedup_vs_text_processor": (">=", 50.0),
     "rollout_speedup_vs_hf": (">=", 3.0),
     "step_speedup_vs_trl": (">=", 2.0),
+    "engine_speedup_vs_hf": (">=", 2.5),
+    "engine_speedup_vs_no_refill": (">=", 2.0),
 }
 
 

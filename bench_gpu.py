@@ -11,6 +11,7 @@ import time
 
 import torch as th
 
+import engine
 import grpo
 import policy
 import rollout
@@ -72,34 +73,40 @@ def stop_after(checks: int):
 
 
 def gpu_rollout(model, B: int, P: int = 64, N: int = 128) -> dict:
-    """rollout.sample (growing cache, and static cache + CUDA graph) vs HF generate, bf16 autocast, EOS disabled."""
-    dev = DEV
+    """B short completions, EOS off: the engine (bf16 copy, fp32 head) vs HF generate on the same bf16 copy, and the
+    old sampler (fp32 weights under autocast, static cache + CUDA graph) for the before/after."""
     g = th.Generator().manual_seed(3)
     prompts = th.randint(0, QWEN3_BASE, (B, P), generator=g).tolist()
-    ids, mask = (x.to(dev) for x in rollout.left_pad(prompts, QWEN3_BASE))
-    adjust = policy.LogitAdjust(1.0, policy.padding_bias(QWEN3_ROWS, QWEN3_TOKENS, QWEN3_ROWS).to(dev), None)
+    ids, mask = (x.to(DEV) for x in rollout.left_pad(prompts, QWEN3_BASE))
+    adjust = policy.LogitAdjust(1.0, policy.padding_bias(QWEN3_ROWS, QWEN3_TOKENS, QWEN3_ROWS).to(DEV), None)
+    bf16 = rollout.sampling_copy(model)
     gen_cfg = copy.deepcopy(model.generation_config)
     gen_cfg.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, min_new_tokens=0)
     gen_cfg.eos_token_id, gen_cfg.pad_token_id, gen_cfg.bos_token_id = None, QWEN3_BASE, None
 
-    def ours(static: bool, n: int = N):
-        gen = th.Generator(dev).manual_seed(0)
-        r = rollout.sample(model, prompts, adjust, max_new_tokens=n, eos_ids=[-1], pad_id=QWEN3_BASE, generator=gen,
-                        static_cache=static)  # fmt: skip
+    def engine_run(n: int = N):
+        gens = [th.Generator(DEV).manual_seed(i) for i in range(B)]
+        out = engine.generate(bf16, prompts, gens, adjust, max_new_tokens=n, eos_ids=[-1], pad_id=QWEN3_BASE, slots=B,
+                              head=model.get_output_embeddings())  # fmt: skip
+        assert out[0].shape == (B, n)
+
+    def old(n: int = N):
+        with th.autocast(DEV, dtype=th.bfloat16, enabled=DEV == "cuda"):
+            r = rollout.sample(model, prompts, adjust, max_new_tokens=n, eos_ids=[-1], pad_id=QWEN3_BASE,
+                               generator=th.Generator(DEV).manual_seed(0), static_cache=True)  # fmt: skip
         assert r.completion_ids.shape == (B, n)
 
     def hf(n: int = N):
         gen_cfg.max_new_tokens = n
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        out = bf16.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
         assert out.shape == (B, P + n), out.shape
 
-    runs = {"dynamic": lambda: ours(False), "static_graph": lambda: ours(True), "hf": hf}
-    with th.autocast(DEV, dtype=th.bfloat16), th.inference_mode():
-        ours(False, 16), ours(True, 16), hf(16)  # warm-up
+    runs = {"engine": engine_run, "old_static_graph": old, "hf_bf16": hf}
+    with th.inference_mode():
+        engine_run(16), old(16), hf(16)  # warm-up
         t = {k: min(seconds(fn) for _ in range(2)) for k, fn in runs.items()}
-    best = min(t["dynamic"], t["static_graph"])
-    return {"B": B, "P": P, "N": N, **{f"{k}_tok_s": B * N / v for k, v in t.items()}, "speedup": t["hf"] / best,
-            "static_vs_dynamic": t["dynamic"] / t["static_graph"]}  # fmt: skip
+    return {"B": B, "P": P, "N": N, **{f"{k}_tok_s": B * N / v for k, v in t.items()},
+            "speedup": t["hf_bf16"] / t["engine"], "engine_vs_old": t["old_static_graph"] / t["engine"]}  # fmt: skip
 
 
 def gpu_logprob_memory(model, T: int = 2048) -> dict:
@@ -130,53 +137,102 @@ def gpu_logprob_memory(model, T: int = 2048) -> dict:
     }
 
 
-def gpu_long_rollout(model, N: int = 8192, P: int = 64) -> dict:
-    """The doubled Qwen3-0.6B-shaped model with the gate, 8,192-token completions: the largest rollout batch whose
-    static KV cache (allocated whole at the start, so a batch that starts also finishes) fits, its decode tokens/s
-    at full length (every step attends over all P + N slots, as the last step of a full-length rollout does) and
-    that as a fraction of the HBM bound: (bf16 weights + the KV cache) read once per step at peak bandwidth."""
-    cfg = model.config
-    kv_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * (P + N)  # bytes per row, bf16
-    weights = 2 * sum(p.numel() for p in model.parameters())  # bf16 bytes
-    vocab = doubled_vocab()
-    adjust = qwen3_adjust(DOUBLED, vocab)
+def hazard_jobs(n: int, mean: int, V: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """n prompts of 64–512 tokens ending in <think>, and EOS ids holding ~1/mean of a random model's nearly flat
+    distribution: completion lengths geometric with that mean, a tail to the limit."""
+    g = th.Generator().manual_seed(seed)
+    eos = th.randperm(QWEN3_BASE, generator=g)[: V // mean].tolist()
+    banned = set(eos)
+    prompts = []
+    for n_tok in th.randint(64, 513, (n,), generator=g).tolist():
+        p = [t for t in th.randint(0, QWEN3_BASE, (n_tok,), generator=g).tolist() if t not in banned]
+        prompts.append(p + [THINK_ID])
+    return prompts, eos
+
+
+def gpu_long_rollout(model, jobs: int = 128, N: int = 8192, mean: int = 2500, kv_gib: float = 60.0) -> dict:
+    """The doubled Qwen3-0.6B-shaped model with the gate: `jobs` completions of up to N tokens (geometric lengths,
+    mean ~`mean`), the engine with as many slots as a `kv_gib` KV cache holds. Tokens/s, and that as a fraction of
+    the HBM bound: every decode step reads the bf16 body, the fp32 head and each live row's KV once."""
+    adjust = qwen3_adjust(DOUBLED, doubled_vocab())
     adjust.bias = adjust.bias.to(DEV)
+    prompts, eos = hazard_jobs(jobs, mean, DOUBLED)
+    bf16 = rollout.sampling_copy(model)
+    slots = min(jobs, engine.slots_for(bf16, kv_gib, 512 + N, th.bfloat16))
+    polls = [0]
 
-    def run(B: int, checks: int):
-        g = th.Generator().manual_seed(B)
-        prompts = th.randint(0, QWEN3_BASE, (B, P), generator=g)
-        prompts[:, -1] = THINK_ID
-        gen = th.Generator(DEV).manual_seed(0)
-        with th.autocast(DEV, dtype=th.bfloat16):
-            rollout.sample(model, prompts.tolist(), adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, generator=gen,
-                        static_cache=True, should_stop=stop_after(checks))  # fmt: skip
+    def count_steps() -> bool:
+        polls[0] += 1
+        return False
 
-    gc.collect()
-    free = th.cuda.mem_get_info()[0] if DEV == "cuda" else 2**28
-    # Per row: the cache; the step's K and V repeated to all query heads (HF's SDPA path with a mask does that, for
-    # the eager warm-up step and again in the graph's own pool); a few fp32 (V,) rows of logits, noise and bias.
-    repeated = 2 * cfg.num_attention_heads * cfg.head_dim * 2 * (P + N)
-    per_row = kv_row + 2 * repeated + 8 * DOUBLED * 4
-    B = int(0.92 * free / per_row) // 8 * 8
-    fitted, tries = None, []
-    while B >= 8 and fitted is None:
-        try:
-            run(B, 1)
-            fitted = B
-        except th.OutOfMemoryError:
-            tries.append(B)
-        if fitted is None:  # outside the except block, whose traceback would keep the failed cache alive
-            gc.collect()
-            th.cuda.empty_cache()
-            B = int(B * 0.9) // 8 * 8
-    if fitted is None:
-        return {"error": "no batch of 8 fits"}
-    long, short = seconds(lambda: run(fitted, 8)), seconds(lambda: run(fitted, 1))
-    step_s = (long - short) / 56
-    bound_s = (weights + fitted * kv_row) / hbm_peak()
-    return {"N": N, "P": P, "largest_batch": fitted, "oom_at": tries, "kv_gib_per_row": kv_row / 2**30,
-            "step_ms": 1e3 * step_s, "decode_tok_s": fitted / step_s, "hbm_bound_ms": 1e3 * bound_s,
-            "hbm_fraction": bound_s / step_s}  # fmt: skip
+    gens = [th.Generator(DEV).manual_seed(i) for i in range(jobs)]
+    t = seconds(lambda: engine.generate(bf16, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos, pad_id=0,
+                                        slots=slots, head=model.get_output_embeddings(), should_stop=count_steps))  # fmt: skip
+    gens = [th.Generator(DEV).manual_seed(i) for i in range(jobs)]  # the same completions again, for their lengths
+    mask = engine.generate(bf16, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos, pad_id=0, slots=slots,
+                           head=model.get_output_embeddings())[1]  # fmt: skip
+    lengths = mask.sum(-1).tolist()
+    c = model.config
+    kv_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2  # bytes per cached token, bf16
+    body = 2 * sum(p.numel() for n, p in bf16.named_parameters() if "embed" not in n)
+    head = 4 * model.get_output_embeddings().weight.numel()
+    steps = 8 * polls[0]
+    kv_read = kv_token * sum(len(p) * n + n * n / 2 for p, n in zip(prompts, lengths, strict=True))
+    bound_s = (steps * (body + head) + kv_read) / hbm_peak()
+    return {"jobs": jobs, "N": N, "slots": slots, "tokens": sum(lengths), "mean_len": sum(lengths) / jobs,
+            "truncated_frac": sum(n == N for n in lengths) / jobs, "seconds": t, "decode_tok_s": sum(lengths) / t,
+            "steps": steps, "hbm_bound_s": bound_s, "hbm_fraction": bound_s / t}  # fmt: skip
+
+
+def gpu_grpo_step(model, prompts_per_step: int = 16, G: int = 8, N: int = 1024, mean: int = 300) -> dict:
+    """One GRPO step's rollout + update on the doubled Qwen3-0.6B-shaped model (128 completions of up to N tokens,
+    mean ~`mean`): before (the old sampler on fp32 weights under autocast, batches of 64) and after (the engine on
+    the bf16 copy, 128 slots), and the sampler–trainer mismatch the bf16 copy brings (sampler_kl)."""
+    adjust = qwen3_adjust(DOUBLED, doubled_vocab())
+    adjust.bias = adjust.bias.to(DEV)
+    prompts, eos = hazard_jobs(prompts_per_step * G, mean, DOUBLED, seed=1)
+    opt = th.optim.AdamW(model.parameters(), lr=1e-7)
+    options = grpo.update_options(grpo.Config(micro_batch_size=8, max_new_tokens=N))
+    out = {}
+    for name in ("before", "after"):
+        t0 = time.perf_counter()
+        gens = [th.Generator(DEV).manual_seed(i) for i in range(len(prompts))]
+        if name == "before":
+            parts = []
+            with th.autocast(DEV, dtype=th.bfloat16, enabled=DEV == "cuda"):
+                for s in range(0, len(prompts), 64):
+                    parts.append(rollout.sample(model, prompts[s : s + 64], adjust, max_new_tokens=N, eos_ids=eos,
+                                                pad_id=0, generator=gens[s : s + 64]))  # fmt: skip
+            r = rollout.concat_rollouts(parts, 0)
+        else:
+            bf16 = rollout.sampling_copy(model)
+            ids, mask, trunc, logp, ent, start = engine.generate(bf16, prompts, gens, adjust, max_new_tokens=N,
+                                                                 eos_ids=eos, pad_id=0, slots=len(prompts),
+                                                                 head=model.get_output_embeddings())  # fmt: skip
+            p_ids, p_mask = (x.to(DEV) for x in rollout.left_pad(prompts, 0))
+            r = rollout.Rollout(p_ids, p_mask, ids, mask, trunc, logp, ent, start)
+        if DEV == "cuda":
+            th.cuda.synchronize()
+        t_rollout = time.perf_counter() - t0
+        model.train()
+        adv = th.linspace(-1, 1, len(prompts), device=DEV)
+        t1 = time.perf_counter()
+        stats = grpo.update(model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
+                            autocast=DEV == "cuda", **options)  # fmt: skip
+        if name == "after":
+            grpo_copy = time.perf_counter()
+            rollout.copy_weights(bf16, model)
+            stats["refresh_s"] = time.perf_counter() - grpo_copy
+            del bf16
+        if DEV == "cuda":
+            th.cuda.synchronize()
+        model.eval()
+        out[name] = {"rollout_s": t_rollout, "update_s": time.perf_counter() - t1, "tokens": int(r.completion_mask.sum()),
+                     **{k: stats[k] for k in ("sampler_kl", "sampler_dlogp_max", "refresh_s") if k in stats}}  # fmt: skip
+    out["step_speedup"] = sum(out["before"][k] for k in ("rollout_s", "update_s")) / sum(
+        out["after"][k] for k in ("rollout_s", "update_s")
+    )
+    return out
 
 
 def device_name() -> str:
@@ -221,21 +277,24 @@ def gpu_update(model, lengths=(1024, 4096, 8192), groups=(4, 8, 16), group_T: in
     return out
 
 
-def bench_gpu(shape: dict = QWEN3_06B, long_n: int = 8192, lengths=(1024, 4096, 8192), groups=(4, 8, 16)) -> dict:
+def bench_gpu(shape: dict = QWEN3_06B, long_n: int = 8192, long_jobs: int = 128, lengths=(1024, 4096, 8192),
+              groups=(4, 8, 16), step_prompts: int = 16, step_n: int = 1024, only: tuple[str, ...] = ()) -> dict:  # fmt: skip
     """Every GPU section, each guarded so that one failure leaves the others' figures."""
     bandwidth = copy_bandwidth(2**30 if DEV == "cuda" else 2**20)
     out: dict = {"device": device_name(), "hbm_peak_tb_s": hbm_peak() / 1e12, "copy_tb_s": bandwidth / 1e12}
     base = random_qwen3(QWEN3_ROWS, **shape, device=DEV)
     doubled = random_qwen3(DOUBLED, **shape, device=DEV)
     sections = [
-        ("rollout_b8", lambda: gpu_rollout(base, 8)),
         ("rollout_b64", lambda: gpu_rollout(base, 64)),
+        ("long_rollout", lambda: gpu_long_rollout(doubled, jobs=long_jobs, N=long_n)),
+        ("grpo_step", lambda: gpu_grpo_step(doubled, prompts_per_step=step_prompts, N=step_n)),
         ("mask_overhead", lambda: bench_mask_overhead(doubled, B=64, P=64, N=64, device=DEV)),
         ("logprob", lambda: gpu_logprob_memory(doubled)),
-        ("long_rollout", lambda: gpu_long_rollout(doubled, N=long_n)),
         ("update", lambda: gpu_update(doubled, lengths, groups, group_T=lengths[0])),
     ]
     for name, fn in sections:
+        if only and name not in only:
+            continue
         t = time.perf_counter()
         try:
             out[name] = fn()
@@ -253,7 +312,7 @@ def gpu_report(g: dict) -> str:
     """The GPU figures as markdown tables (sections that failed show their error)."""
     lines = [f"GPU: {g['device']} (peak HBM {g['hbm_peak_tb_s']:.2f} TB/s, measured copy {g['copy_tb_s']:.2f} TB/s), "
              "random Qwen3-0.6B-shaped model (hidden 1024, 28 layers, 16/8 heads, head dim 128), fp32 master "
-             "weights, bf16 autocast", "", "| figure | value | target | setting |", "|---|---|---|---|"]  # fmt: skip
+             "weights; sampling from a bf16 copy, training under bf16 autocast", "", "| figure | value | target | setting |", "|---|---|---|---|"]  # fmt: skip
 
     def failed(name: str) -> bool:
         if "error" in g.get(name, {"error": "not run"}):
@@ -261,15 +320,13 @@ def gpu_report(g: dict) -> str:
             return True
         return False
 
-    for name in ("rollout_b8", "rollout_b64"):
-        if not failed(name):
-            r = g[name]
-            lines.append(
-                f"| rollout_speedup_vs_hf (B = {r['B']}) | {r['speedup']:.2f} | "
-                f"{met('rollout_speedup_vs_hf', r['speedup'])} | V = 151,936, {r['N']} new tokens: HF "
-                f"{r['hf_tok_s']:.0f} tok/s, rollout.sample {r['dynamic_tok_s']:.0f} (growing cache), "
-                f"{r['static_graph_tok_s']:.0f} (static cache + CUDA graph) |"
-            )
+    if not failed("rollout_b64"):
+        r = g["rollout_b64"]
+        lines.append(
+            f"| engine_speedup_vs_hf, B = {r['B']} | {r['speedup']:.2f} | target ≥ 5 | V = 151,936, {r['N']} new tokens, "
+            f"EOS off: engine {r['engine_tok_s']:.0f} tok/s, HF generate (same bf16 weights) {r['hf_bf16_tok_s']:.0f}, "
+            f"old sampler (static cache + CUDA graph) {r['old_static_graph_tok_s']:.0f} |"
+        )
     if not failed("mask_overhead"):
         m = g["mask_overhead"]
         lines.append(
@@ -286,12 +343,21 @@ def gpu_report(g: dict) -> str:
     if not failed("long_rollout"):
         m = g["long_rollout"]
         lines.append(
-            f"| largest rollout batch, {m['N']:,}-token completions | {m['largest_batch']} | — | V = {DOUBLED:,} with "
-            f"the gate; static KV cache {m['kv_gib_per_row']:.2f} GiB per row |"
+            f"| engine tokens/s, {m['jobs']} jobs up to {m['N']:,} tokens | {m['decode_tok_s']:,.0f} | — | V = "
+            f"{DOUBLED:,} with the gate, {m['slots']} slots, mean length {m['mean_len']:.0f}, "
+            f"{m['truncated_frac']:.0%} truncated, {m['seconds']:.0f} s |"
         )
         lines.append(
-            f"| decode tokens/s at that batch, full length | {m['decode_tok_s']:,.0f} | — | {m['step_ms']:.1f} ms per "
-            f"step; HBM bound {m['hbm_bound_ms']:.1f} ms: {m['hbm_fraction']:.0%} of the bound |"
+            f"| fraction of the HBM bound | {m['hbm_fraction']:.0%} | target ≥ 50 % | {m['steps']} decode steps, each "
+            f"reading the bf16 body, the fp32 head and the live KV: {m['hbm_bound_s']:.1f} s at peak bandwidth |"
+        )
+    if not failed("grpo_step"):
+        s = g["grpo_step"]
+        b, a = s["before"], s["after"]
+        lines.append(
+            f"| GRPO step (128 completions ≤ 1,024 tokens), before → after | {s['step_speedup']:.2f}× | — | rollout "
+            f"{b['rollout_s']:.1f} → {a['rollout_s']:.1f} s, update {b['update_s']:.1f} → {a['update_s']:.1f} s; "
+            f"bf16 sampler vs trainer: sampler_kl {a['sampler_kl']:.2e}, max |Δ log p| {a['sampler_dlogp_max']:.2f} |"
         )
     if not failed("update"):
         u = g["update"]

@@ -239,20 +239,20 @@ def ours_stepper(model_dir: str, prompts: list[str], group_size: int, max_new_to
 
     def step(i: int) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
-        generators = [
-            th.Generator(device=device).manual_seed(rollout.sample_seed(cfg.seed, i, k, j))
-            for k in range(len(prompts))
-            for j in range(group_size)
-        ]
-        model.eval()
-        r = rollout.sample(model, batch, adjust, max_new_tokens=cfg.max_new_tokens, eos_ids=[-1],  # EOS off
-                        pad_id=tokenizer.pad_token_id, top_p=cfg.top_p, generator=generators)  # fmt: skip
+        seeds = [rollout.sample_seed(cfg.seed, i, k, j) for k in range(len(prompts)) for j in range(group_size)]
+        r = rollout.rollout(
+            model,
+            tokenizer,
+            batch,
+            seeds,
+            adjust,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_ids=[-1],
+            top_p=cfg.top_p,
+            slots=len(batch),
+        )  # EOS off; fmt: skip
         t_sample = time.perf_counter() - t0
-        texts = [
-            rollout.decode(tokenizer, None, c[m.bool()].tolist())
-            for c, m in zip(r.completion_ids, r.completion_mask, strict=True)
-        ]
-        rewards = th.tensor(constant_reward(texts), dtype=th.float32)
+        rewards = th.tensor(constant_reward(r.texts), dtype=th.float32)
         advantages = grpo.group_advantages(rewards, cfg.group_size, cfg.adv_scale)
         t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()

@@ -28,6 +28,12 @@ def all_reduce_sum(t: th.Tensor) -> th.Tensor:
     return t
 
 
+def all_reduce_max(t: th.Tensor) -> th.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_gather_cat(t: th.Tensor) -> th.Tensor:
     """Concatenate equally shaped tensors from every rank along dim 0 (rank order)."""
     if world()[1] == 1:

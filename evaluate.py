@@ -40,7 +40,7 @@ from checkpoints import load_model_and_tokenizer
 from distributed import preempted, setup_distributed, teardown_distributed, world
 from logs import write_json, write_jsonl
 from policy import LogitAdjust, model_adjust
-from rollout import reward_texts, rollout, sample_seed
+from rollout import reward_texts, rollout, sample_seed, sampling_copy
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -98,8 +98,7 @@ def evaluate(
     top_p: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
-    autocast: bool = False,
-    static_cache: bool = False,
+    head=None,
     score_fn=None,
     should_stop=None,
 ) -> tuple[list[dict], dict]:
@@ -112,7 +111,8 @@ def evaluate(
     after </think>, or None), correct, lengths (tokens, EOS included), truncated (no EOS within max_new_tokens), and
     with a reasoning vocabulary think_tokens and reasoning_tokens (reasoning ids among them). The summary is
     `summarize(records, samples)`. score_fn(completions, answers) → (rewards, accuracies) replaces reward.score; a
-    completion is correct when its accuracy is 1. static_cache and should_stop() go to rollout.rollout."""
+    completion is correct when its accuracy is 1. batch_size (the engine's slots), head and should_stop() go to
+    rollout.rollout."""
     if samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"need samples, batch_size, max_new_tokens ≥ 1, got {samples}, {batch_size}, {max_new_tokens}")
     if not examples:
@@ -122,8 +122,7 @@ def evaluate(
     records = []
     if mine:  # a rank can have none when there are more ranks than problems
         records = score_records(model, tokenizer, mine, adjust, samples, seed, score_fn, max_new_tokens=max_new_tokens,
-                                top_p=top_p, greedy=greedy, batch_size=batch_size, autocast=autocast,
-                                static_cache=static_cache, should_stop=should_stop)  # fmt: skip
+                                top_p=top_p, greedy=greedy, slots=batch_size, head=head, should_stop=should_stop)  # fmt: skip
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, records)
@@ -260,9 +259,7 @@ class EvalConfig:
     max_new_tokens: int = 8192
     """Completion length limit; longer completions are truncated (counted in truncation_rate)."""
     batch_size: int = 64
-    """Sequences sampled together (memory); results do not depend on it."""
-    static_cache: bool = False
-    """Decode with a fixed-size KV cache (a CUDA graph on GPU), as grpo.Config.static_cache."""
+    """Sequences decoding at once (the engine's slots; memory); results do not depend on it."""
     seed: int = 0
     """Seed of the samples and of the max_problems subset."""
 
@@ -271,7 +268,7 @@ class EvalConfig:
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cuda', 'cpu'."""
     bf16: bool = True
-    """bf16 autocast for the decoder body on GPU (log-probs and logits fp32), as in training."""
+    """On GPU, sample from a bf16 copy of the model (output layer and logits fp32), as in training."""
 
 
 def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
@@ -289,6 +286,7 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
     model, tokenizer = load_model_and_tokenizer(cfg.model, device)
     vocab = rvocab.load(cfg.model) if Path(cfg.model).is_dir() else rvocab.load(model)
     adjust = model_adjust(model, tokenizer, vocab, cfg.temperature)
+    sampler = sampling_copy(model) if autocast else model
     out = Path(cfg.output_dir)
     if rank == 0:
         write_json(out / "eval_config.json", dataclasses.asdict(cfg))
@@ -312,10 +310,10 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
         if rank == 0:
             print(f"[eval] {source}: {len(examples)} problems × {cfg.samples} on {world_size} rank(s)", flush=True)
         t0 = time.perf_counter()
-        records, summaries[source] = evaluate(model, tokenizer, examples, adjust, samples=cfg.samples,
+        records, summaries[source] = evaluate(sampler, tokenizer, examples, adjust, samples=cfg.samples,
                                               max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy, top_p=cfg.top_p,
-                                              batch_size=cfg.batch_size, seed=cfg.seed, autocast=autocast,
-                                              static_cache=cfg.static_cache)  # fmt: skip
+                                              batch_size=cfg.batch_size, seed=cfg.seed,
+                                              head=model.get_output_embeddings())  # fmt: skip
         if rank == 0:  # after every dataset, so that a crash keeps the finished ones
             write_jsonl(out / f"{name}.jsonl", records)
             write_json(out / "summary.json", summaries)

@@ -47,6 +47,7 @@ from checkpoints import (
 )
 from distributed import (
     all_reduce_grads,
+    all_reduce_max,
     all_reduce_sum,
     catch_preemption,
     preempted,
@@ -55,9 +56,10 @@ from distributed import (
     teardown_distributed,
     world,
 )
+from engine import slots_for
 from logs import log_samples, log_step, sample_records, step_metrics, truncate_metrics
 from policy import LogitAdjust, lm_head_fp32, model_adjust
-from rollout import Rollout, positions, reward_texts, rollout, sample_seed
+from rollout import Rollout, copy_weights, positions, reward_texts, rollout, sample_seed, sampling_copy
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Config
@@ -110,10 +112,11 @@ class Config:
     max_new_tokens: int = 8192
     """Completion length limit; longer completions are truncated."""
     rollout_batch_size: int = 64
-    """Sequences sampled together (memory); 0 = all of the step's at once."""
-    static_cache: bool = False
-    """Decode with a fixed-size KV cache, replayed as a CUDA graph on GPU: faster where kernel launches dominate
-    (small batches, short completions); it attends over all max_new_tokens slots at every step (see bench.py)."""
+    """Sequences decoding at once (the engine's slots): a finished one's slot is refilled with the next waiting
+    completion; 0 = all of the step's at once."""
+    rollout_kv_gib: float = 0.0
+    """Cap the slots so that the engine's KV cache (prompt + max_new_tokens per slot) fits in this many GiB; 0 = no
+    cap."""
 
     # Objective
     beta: float = 0.0
@@ -128,6 +131,11 @@ class Config:
     """Divide advantages by the group's reward std, the batch's, or not at all (Dr.GRPO)."""
     num_iterations: int = 1
     """Optimizer updates per rollout (μ); > 1 computes real old log-probs and makes clipping matter."""
+    sampler_correction: Literal["tis", "sequence_mask", "none"] = "tis"
+    """Correct for the sampler's distribution differing from the trainer's (bf16 sampling): token-level truncated
+    importance sampling, a sequence-level mask, or none (see policy_loss)."""
+    sampler_cap: float = 2.0
+    """C of the sampler correction: the TIS weight's cap, or the mask's bounds [1/C, C]."""
     drop_truncated: bool = False
     """Exclude completions that hit max_new_tokens from the loss."""
     format_weight: float = 0.0
@@ -173,7 +181,8 @@ class Config:
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cuda', 'cpu'."""
     bf16: bool = True
-    """bf16 autocast for the decoder body on GPU (fp32 master weights; log-probs always fp32)."""
+    """On GPU: sample from a bf16 copy of the policy (refreshed after every optimizer step) and run the training
+    decoder body under bf16 autocast; master weights, output layer and log-probs stay fp32."""
 
     # Held-out evaluation during training (evaluate.py): the same sampler, policy and reward as the rollouts
     eval_every: int = 0
@@ -258,12 +267,23 @@ def policy_loss(
     num_tokens: float | None = None,
     num_sequences: float | None = None,
     max_len: int | None = None,
+    sampler_logp: th.Tensor | None = None,
+    correction: str = "none",
+    cap: float = 2.0,
 ) -> tuple[th.Tensor, dict[str, float]]:
-    """Clipped policy-gradient loss with optional KL to a reference policy.
+    """Clipped policy-gradient loss with optional KL to a reference policy, optionally corrected for the sampler.
 
         ρ_t  = exp(log π_θ(o_t) − log π_old(o_t))
         ℓ_t  = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A) + β · KL_t
         KL_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1          (k3 estimator, ≥ 0)
+
+    The tokens were drawn from the sampler's π_s (the engine's bf16 copy), not exactly from π_old. With
+    δ_t = log π_old(o_t) − log π_s(o_t) (sampler_logp = log π_s), each ℓ_t is multiplied by the constant w:
+        "tis"            w_t = min(exp δ_t, C)                                truncated importance sampling, per token
+                                                                              (Yao et al. 2025; TRL token_truncate)
+        "sequence_mask"  w_i = 1[1/C ≤ exp(mean_t δ_it) ≤ C]                  drop completions whose sampler strayed
+        "none"           w = 1
+    With identical log-probs (δ = 0) every correction is a no-op.
 
     Aggregation over the completion tokens m_it (mask) of the optimizer step:
         "token"    (DAPO)     L = Σ_it m_it ℓ_it / N_tok                    N_tok = num_tokens (default Σ m)
@@ -285,6 +305,8 @@ def policy_loss(
         d = ref_logp - logp
         kl = d.exp() - d - 1
         per_token = per_token + beta * kl
+    if correction != "none" and sampler_logp is not None:
+        per_token = per_token * sampler_weight(old_logp.detach(), sampler_logp, mask, correction, cap)
 
     if loss_type == "token":
         loss = (per_token * mask).sum() / (num_tokens if num_tokens is not None else mask.sum().clamp(min=1))
@@ -305,7 +327,22 @@ def policy_loss(
             "ratio": float((ratio * mask).sum() / n),
             "kl": float((kl * mask).sum() / n) if kl is not None else 0.0,
         }
+        if sampler_logp is not None:  # how far the sampler is from the trainer: k3 estimate of KL(π_s ‖ π_θ)
+            d = logp.detach() - sampler_logp
+            stats["sampler_kl"] = float(((d.exp() - d - 1) * mask).sum() / n)
+            stats["sampler_dlogp_max"] = float((d.abs() * mask).max()) if mask.numel() else 0.0
     return loss, stats
+
+
+def sampler_weight(old_logp: th.Tensor, sampler_logp: th.Tensor, mask: th.Tensor, correction: str, cap: float):
+    """The (B, T) or (B, 1) weight w of `policy_loss`'s sampler correction (no gradient)."""
+    delta = (old_logp - sampler_logp) * mask
+    if correction == "tis":
+        return delta.exp().clamp(max=cap)
+    if correction == "sequence_mask":
+        mean = delta.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        return ((mean >= -math.log(cap)) & (mean <= math.log(cap))).to(old_logp.dtype)
+    raise ValueError(f"correction must be 'tis', 'sequence_mask' or 'none', got {correction!r}")
 
 
 def sequence_logprobs(
@@ -360,17 +397,19 @@ def trim(r: Rollout, rows: slice) -> tuple[th.Tensor, ...]:
     return r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows, :T], cm[:, :T], start, T
 
 
-def batched_logprobs(model, r: Rollout, adjust: LogitAdjust, micro_batch_size: int, chunk: int) -> th.Tensor:
-    """No-grad (B, T) log-probs of a whole rollout, micro-batch by micro-batch (old and reference policies)."""
+def batched_logprobs(model, r: Rollout, adjust: LogitAdjust, micro_batch_size: int, chunk: int,
+                     autocast: bool = False) -> th.Tensor:  # fmt: skip
+    """No-grad (B, T) log-probs of a whole rollout (old and reference policies), micro-batch by micro-batch and under
+    the same autocast as `update`'s, so that ρ and the KL start from the same numerics as the trained log-probs."""
     out = th.zeros_like(r.logp)
-    with th.no_grad():
+    with th.no_grad(), th.autocast(r.logp.device.type, dtype=th.bfloat16, enabled=autocast):
         for rows in micro_batches(r.completion_ids.shape[0], micro_batch_size):
             p, pm, c, cm, start, T = trim(r, rows)
             out[rows, :T] = sequence_logprobs(model, p, pm, c, cm, adjust, start, chunk)
     return out
 
 
-STAT_KEYS = ("clip_frac_low", "clip_frac_high", "ratio", "kl")
+STAT_KEYS = ("clip_frac_low", "clip_frac_high", "ratio", "kl", "sampler_kl")
 
 
 def update(
@@ -389,20 +428,24 @@ def update(
     loss_type: str,
     max_len: int,
     micro_batch_size: int,
+    sampler_correction: str = "none",
+    sampler_cap: float = 2.0,
     logprob_chunk: int = 256,
     max_grad_norm: float = 1.0,
     autocast: bool = False,
 ) -> dict[str, float]:
     """One optimizer step: gradients accumulated over micro-batches (and summed over ranks), with the loss normalised
     by the token and sequence counts of the whole step on all ranks, so the update equals one process's on the
-    global batch. eps_low, eps_high, beta, loss_type and max_len are `policy_loss`'s.
+    global batch. eps_low, eps_high, beta, loss_type and max_len are `policy_loss`'s; the sampler correction weighs
+    by the rollout's own log-probs (r.logp, the sampler's).
 
     old_logp None means one update per rollout: π_old is the detached current policy (ρ = 1 in value)."""
     device = r.completion_ids.device
     num_tokens, num_sequences = all_reduce_sum(th.tensor([loss_mask.sum(), loss_mask.shape[0]], device=device))
     num_tokens, num_sequences = max(float(num_tokens), 1.0), float(num_sequences)
     optimizer.zero_grad(set_to_none=True)
-    totals = th.zeros(5, device=device)  # loss, clip_frac_low, clip_frac_high, ratio, kl (token-weighted sums)
+    totals = th.zeros(1 + len(STAT_KEYS), device=device)  # loss, then STAT_KEYS (token-weighted sums)
+    dlogp_max = th.zeros(1, device=device)
     for rows in micro_batches(r.completion_ids.shape[0], micro_batch_size):
         p, pm, c, cm, start, T = trim(r, rows)
         with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
@@ -411,14 +454,17 @@ def update(
         ref = ref_logp[rows, :T] if ref_logp is not None else None
         loss, stats = policy_loss(logp, old, ref, advantages[rows], loss_mask[rows, :T], eps_low=eps_low,
                                   eps_high=eps_high, beta=beta, loss_type=loss_type, num_tokens=num_tokens,
-                                  num_sequences=num_sequences, max_len=max_len)  # fmt: skip
+                                  num_sequences=num_sequences, max_len=max_len, sampler_logp=r.logp[rows, :T],
+                                  correction=sampler_correction, cap=sampler_cap)  # fmt: skip
         if loss.requires_grad:  # False only when the micro-batch has no completion token at all
             loss.backward()
         weight = float(loss_mask[rows].sum()) / num_tokens
         totals += th.tensor([loss.item(), *(stats[k] * weight for k in STAT_KEYS)], device=device)
+        dlogp_max = dlogp_max.clamp(min=stats["sampler_dlogp_max"])
     params = [q for q in model.parameters() if q.requires_grad]
     all_reduce_grads(params)
     totals = all_reduce_sum(totals)
+    dlogp_max = all_reduce_max(dlogp_max)
     grad_norm = float(th.nn.utils.clip_grad_norm_(params, max_grad_norm))
     skipped = not math.isfinite(grad_norm)  # the same on every rank: the gradients are already summed
     if skipped:  # a NaN/inf never reaches the weights
@@ -426,19 +472,30 @@ def update(
     else:
         optimizer.step()
     return {"loss": float(totals[0]), "grad_norm": grad_norm, "skipped": float(skipped),
-            **{k: float(v) for k, v in zip(STAT_KEYS, totals[1:], strict=True)}}  # fmt: skip
+            "sampler_dlogp_max": float(dlogp_max), **{k: float(v) for k, v in zip(STAT_KEYS, totals[1:], strict=True)}}  # fmt: skip
+
+
+def rollout_slots(cfg: Config, sampler, jobs: int) -> int:
+    """The engine's slot count: --rollout-batch-size (0: every job), capped by --rollout-kv-gib."""
+    slots = cfg.rollout_batch_size or jobs
+    if cfg.rollout_kv_gib > 0:
+        dtype = next(sampler.parameters()).dtype
+        slots = min(slots, slots_for(sampler, cfg.rollout_kv_gib, cfg.max_prompt_len + cfg.max_new_tokens, dtype))
+    return slots
 
 
 def update_options(cfg: Config) -> dict:
     """The run's options that `update` takes (the loss's, micro-batching, clipping)."""
     return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
-                max_len=cfg.max_new_tokens, micro_batch_size=cfg.micro_batch_size, logprob_chunk=cfg.logprob_chunk,
+                max_len=cfg.max_new_tokens, micro_batch_size=cfg.micro_batch_size,
+                sampler_correction=cfg.sampler_correction, sampler_cap=cfg.sampler_cap, logprob_chunk=cfg.logprob_chunk,
                 max_grad_norm=cfg.max_grad_norm)  # fmt: skip
 
 
-def grpo_step(cfg: Config, model, ref_model, optimizer, tokenizer, adjust: LogitAdjust, batch: list[data.Example],
-              step: int, score_fn, autocast: bool) -> dict | None:  # fmt: skip
-    """One GRPO step on this rank's `batch` of prompts: rollout → reward → advantages → μ updates. Returns the
+def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adjust: LogitAdjust,
+              batch: list[data.Example], step: int, score_fn, autocast: bool) -> dict | None:  # fmt: skip
+    """One GRPO step on this rank's `batch` of prompts: rollout → reward → advantages → μ updates. `sampler` is the
+    model the rollout decodes with (`model` itself, or its bf16 copy, refreshed here after the update). Returns the
     rollout, rewards, accuracies, update statistics and timings; None if preempted during the rollout (the weights
     are then still those of the last completed step)."""
     t0 = time.perf_counter()
@@ -446,9 +503,9 @@ def grpo_step(cfg: Config, model, ref_model, optimizer, tokenizer, adjust: Logit
     # 1. Rollout: G samples per prompt from the current policy, each with its own seed (see rollout.sample_seed).
     prompts = [ex.prompt_ids for ex in batch for _ in range(G)]
     seeds = [sample_seed(cfg.seed, step, ex.index, j) for ex in batch for j in range(G)]
-    r = rollout(model, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
-                batch_size=cfg.rollout_batch_size, autocast=autocast, static_cache=cfg.static_cache,
-                should_stop=stop_requested)  # fmt: skip
+    r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
+                slots=rollout_slots(cfg, sampler, len(prompts)), head=model.get_output_embeddings(),
+                should_stop=stop_requested, progress_every=30.0 if world()[0] == 0 else 0.0)  # fmt: skip
     if preempted():
         return None
 
@@ -466,12 +523,14 @@ def grpo_step(cfg: Config, model, ref_model, optimizer, tokenizer, adjust: Logit
     model.train()
     old_logp = ref_logp = None
     if cfg.num_iterations > 1:
-        old_logp = batched_logprobs(model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk)
+        old_logp = batched_logprobs(model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk, autocast)
     if ref_model is not None:
-        ref_logp = batched_logprobs(ref_model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk)
+        ref_logp = batched_logprobs(ref_model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk, autocast)
     for _ in range(cfg.num_iterations):
         stats = update(model, optimizer, r, advantages, adjust, loss_mask=loss_mask, old_logp=old_logp,
                        ref_logp=ref_logp, autocast=autocast, **update_options(cfg))  # fmt: skip
+    if sampler is not model:
+        copy_weights(sampler, model)
     return {"rollout": r, "answers": answers, "rewards": rewards, "accuracy": accuracy, "stats": stats,
             "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1, "t0": t0}  # fmt: skip
 
@@ -505,6 +564,7 @@ def train(cfg: Config, score_fn=None) -> Path:
     model, tokenizer, vocab = load_policy(cfg, resume_from, device)
     adjust = model_adjust(model, tokenizer, vocab, cfg.temperature)
     ref_model = frozen_copy(model) if cfg.beta != 0 else None  # 0 loads no reference model
+    sampler = sampling_copy(model) if autocast else model  # bf16 sampling weights on GPU
     examples = load_prompts(cfg, tokenizer, cfg.dataset, cfg.split, cfg.max_samples,
                             prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)  # fmt: skip
     eval_examples = None
@@ -530,11 +590,11 @@ def train(cfg: Config, score_fn=None) -> Path:
         import wandb  # only with --wandb online/offline
 
         run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg), dir=output_dir)
-    run_eval = partial(evaluate.during_training, model, tokenizer, eval_examples, adjust, samples=cfg.eval_samples,
+    run_eval = partial(evaluate.during_training, sampler, tokenizer, eval_examples, adjust, samples=cfg.eval_samples,
                        max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, top_p=cfg.top_p,
-                       batch_size=cfg.rollout_batch_size or cfg.eval_samples * len(eval_examples or []),
-                       seed=cfg.seed, autocast=autocast, static_cache=cfg.static_cache, score_fn=score_fn,
-                       output_dir=output_dir, steps=cfg.steps)  # fmt: skip
+                       batch_size=rollout_slots(cfg, sampler, cfg.eval_samples * len(eval_examples or [])), seed=cfg.seed,
+                       head=model.get_output_embeddings(), score_fn=score_fn, output_dir=output_dir,
+                       steps=cfg.steps)  # fmt: skip
     if eval_examples is not None and resume_from is None:  # the starting point, in a line of its own
         m = {"step": 0, **run_eval(0)}
         if main_rank and len(m) > 1:
@@ -543,7 +603,7 @@ def train(cfg: Config, score_fn=None) -> Path:
     score = score_fn or partial(reward.score, format_weight=cfg.format_weight)
     while step < cfg.steps:
         batch = data.prompt_batch(examples, step, cfg.prompts_per_step, seed=cfg.seed, rank=rank, world_size=world_size)
-        out = grpo_step(cfg, model, ref_model, optimizer, tokenizer, adjust, batch, step, score, autocast)
+        out = grpo_step(cfg, model, sampler, ref_model, optimizer, tokenizer, adjust, batch, step, score, autocast)
         if out is None:  # preempted during the rollout
             break
         lr = scheduler.get_last_lr()[0]

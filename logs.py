@@ -42,6 +42,8 @@ def step_metrics(step: int, out: dict, group_size: int, model, adjust: LogitAdju
         "completion_len_max": float(lengths.max()),
         "truncated_frac": float(truncated.mean()),
         "entropy": float(entropy_sum / lengths.sum().clamp(min=1)),
+        "sampler_kl": stats["sampler_kl"],
+        "sampler_dlogp_max": stats["sampler_dlogp_max"],
         "grad_norm": stats["grad_norm"],
         "skipped_update": stats["skipped"],
         "rollout_s": out["rollout_s"],

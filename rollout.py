@@ -3,20 +3,23 @@
     r = rollout(model, tokenizer, prompts, seeds, adjust, max_new_tokens=..., batch_size=64)
     rewards = score(reward_texts(r.texts, r.opened_think), answers)
 
-`rollout` is the one entry point (training, evaluation and bench.py call it). Underneath, `sample` is a batched
-KV-cache loop: one prefill of the left-padded prompts, then one token per step drawn from the policy (`LogitAdjust`,
-policy.py) by the exponential race. Each sample has its own generator seeded by the caller, so a sample does not
-depend on its batch, its rank, or a resume.
+`rollout` is the one entry point (training, evaluation and bench.py call it); the engine (engine.py) does the
+decoding, with continuous batching. `sample` below is the simple reference loop the tests hold the engine to: one
+prefill of the left-padded prompts, then one token per step for the whole batch, drawn from the policy
+(`LogitAdjust`, policy.py) by the exponential race. Each sample has its own generator seeded by the caller, so a
+sample does not depend on its batch, its slot, its rank, or a resume.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
 import torch as th
 import torch.nn.functional as F
 
+import engine
 import vocab as rvocab
 from policy import Generators, LogitAdjust, entropy_of, lm_head_fp32, sample_tokens
 
@@ -47,46 +50,49 @@ def rollout(
     eos_ids: list[int] | None = None,
     top_p: float = 1.0,
     greedy: bool = False,
-    batch_size: int = 0,
-    autocast: bool = False,
-    static_cache: bool = False,
+    slots: int = 0,
+    head=None,
     should_stop=None,
+    progress_every: float = 0.0,
 ) -> Rollout:
-    """One completion per (prompt ids, seed), sampled from the policy `adjust` in batches of `batch_size` (0: all at
-    once) under bf16 autocast if `autocast`, decoded to text. eos_ids default to the model's (`eos_token_ids`).
+    """One completion per (prompt ids, seed), sampled from the policy `adjust` by the engine (engine.generate) with
+    at most `slots` sequences in flight (0: all at once), decoded to text. `model` may be a bf16 sampling copy of the
+    policy, with `head` its fp32 output layer (`sampling_copy`). eos_ids default to the model's (`eos_token_ids`).
     A `should_stop()` that turns true ends the rollout early (e.g. preemption); the caller discards it."""
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids
     generators = [th.Generator(device=device).manual_seed(s) for s in seeds]
-    chunk = batch_size or len(prompts)
     was_training = model.training
     model.eval()
     try:
-        with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
-            parts = [
-                sample(
-                    model,
-                    prompts[s : s + chunk],
-                    adjust,
-                    max_new_tokens=max_new_tokens,
-                    eos_ids=eos_ids,
-                    pad_id=tokenizer.pad_token_id,
-                    top_p=top_p,
-                    generator=generators[s : s + chunk],
-                    greedy=greedy,
-                    static_cache=static_cache,
-                    should_stop=should_stop,
-                )  # fmt: skip
-                for s in range(0, len(prompts), chunk)
-            ]
+        ids, mask, truncated, logp, entropy, start_inside = engine.generate(
+            model, prompts, generators, adjust, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+            pad_id=tokenizer.pad_token_id, slots=slots, top_p=top_p, greedy=greedy, head=head,
+            should_stop=should_stop, progress_every=progress_every,
+        )  # fmt: skip
     finally:
         model.train(was_training)
-    r = concat_rollouts(parts, tokenizer.pad_token_id)
-    ids, mask = r.completion_ids.cpu(), r.completion_mask.cpu()
-    r.texts = [decode(tokenizer, adjust.vocab, row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
+    prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, tokenizer.pad_token_id))
+    texts = [
+        decode(tokenizer, adjust.vocab, row[m.bool()].tolist()) for row, m in zip(ids.cpu(), mask.cpu(), strict=True)
+    ]
     tags = rvocab.think_tag_ids(tokenizer)  # (<think>, </think>) ids, or None
-    r.opened_think = [tags is not None and rvocab.opens_think(p, *tags) for p in prompts]
-    return r
+    opened = [tags is not None and rvocab.opens_think(p, *tags) for p in prompts]
+    return Rollout(prompt_ids, prompt_mask, ids, mask, truncated, logp, entropy, start_inside, texts, opened)
+
+
+def sampling_copy(model, dtype: th.dtype = th.bfloat16):
+    """A copy of the policy to sample from in `dtype` (bf16 on GPU: half the bytes per decode step, bf16 keys and
+    values in the engine's cache); the fp32 master weights stay for training. Refresh it after each optimizer step
+    with `copy_weights`."""
+    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+
+
+@th.no_grad()
+def copy_weights(dst, src) -> None:
+    """dst's parameters ← src's (cast to dst's dtype); the two share one architecture (`sampling_copy`)."""
+    for p, q in zip(dst.parameters(), src.parameters(), strict=True):
+        p.copy_(q)
 
 
 def reward_texts(completions: list[str], prompt_opened_think: list[bool]) -> list[str]:
