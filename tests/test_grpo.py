@@ -283,17 +283,8 @@ def test_gradient_same_for_1_or_4_micro_batches(loss_type):
         m = tiny_model(32)
         opt = th.optim.SGD(m.parameters(), lr=0.1)
         cfg = tiny_cfg(loss_type=loss_type, micro_batch_size=micro, max_new_tokens=9)
-        grpo.update(
-            m,
-            opt,
-            r,
-            adv,
-            adjust,
-            loss_mask=r.completion_mask,
-            old_logp=None,
-            ref_logp=None,
-            **grpo.update_options(cfg),
-        )
+        grpo.update(m, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
+                    **grpo.update_options(cfg))  # fmt: skip
         weights.append(th.cat([p.detach().flatten() for p in m.parameters()]))
     before = th.cat([p.detach().flatten() for p in tiny_model(32).parameters()])
     assert (weights[0] - before).abs().max() > 1e-4  # the step did something
@@ -311,17 +302,8 @@ def test_decoder_checkpointing_gives_the_same_update():
         assert m.model.gradient_checkpointing is on
         opt = th.optim.SGD(m.parameters(), lr=0.1)
         cfg = tiny_cfg(micro_batch_size=4, max_new_tokens=9)
-        grpo.update(
-            m,
-            opt,
-            r,
-            adv,
-            adjust,
-            loss_mask=r.completion_mask,
-            old_logp=None,
-            ref_logp=None,
-            **grpo.update_options(cfg),
-        )
+        grpo.update(m, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
+                    **grpo.update_options(cfg))  # fmt: skip
         weights.append(th.cat([p.detach().flatten() for p in m.parameters()]))
     assert (weights[0] - weights[1]).abs().max() < 1e-6
 
@@ -333,17 +315,8 @@ def test_non_finite_loss_skips_the_update():
     before = [p.detach().clone() for p in model.parameters()]
     opt = th.optim.AdamW(model.parameters(), lr=0.1)
     adv = th.full((8,), math.nan)
-    stats = grpo.update(
-        model,
-        opt,
-        r,
-        adv,
-        adjust,
-        loss_mask=r.completion_mask,
-        old_logp=None,
-        ref_logp=None,
-        **grpo.update_options(tiny_cfg()),
-    )
+    stats = grpo.update(model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
+                        **grpo.update_options(tiny_cfg()))  # fmt: skip
     assert stats["skipped"] == 1.0
     assert all(th.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
