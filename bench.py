@@ -1,16 +1,19 @@
 """Speed and memory benchmarks of the trainer, each a ratio measured side by side in one run (issue 6).
 
-    uv run --extra demo --extra bench python bench.py   # prints the table (CPU, ~8 minutes on 2 cores)
+    uv run --extra demo --extra bench python bench.py   # prints the table (CPU, ~15 minutes on 2 cores)
     uv run --extra demo --extra bench python bench.py --json out.json   # also writes the figures
-    python bench.py --device cuda [--json out.json]     # the GPU sections (a few minutes)
+    uv run --extra demo python bench.py --only engine --json out.json   # the engine's section alone (~8 minutes)
+    python bench.py --device cuda [--json out.json]     # the GPU sections
 
 Keys: `logprob_mem_ratio` (chunked log-prob + loss forward/backward peak memory ÷ a naive full log_softmax),
 `mask_overhead` and `mask_speedup_vs_text_processor` (the reasoning-vocabulary gate), `rollout_speedup_vs_hf`
-(`rollout.sample` ÷ HF `generate`), `step_speedup_vs_trl` (one GRPO step ÷ TRL's GRPOTrainer's, bench_trl.py) and
+(the engine ÷ HF `generate`, fixed lengths), `engine_speedup_vs_hf` and `engine_speedup_vs_no_refill` (a GRPO-like
+variable-length workload), `step_speedup_vs_trl` (one GRPO step ÷ TRL's GRPOTrainer's, bench_trl.py) and
 `update_scaling` (one `grpo.update` against completion length and group size). On CPU, memory is the peak resident
 set (`ru_maxrss`) of a fresh subprocess minus its resident set just before the measured computation; on GPU, the
-peak allocated memory. `--device cuda` measures the same ratios on a Qwen3-0.6B-shaped model and the largest
-rollout batch for 8,192-token completions with the vocabulary doubled.
+peak allocated memory. `--device cuda` (bench_gpu.py) measures the engine on a Qwen3-0.6B-shaped model: against HF
+`generate` at B = 64, on 128 completions of up to 8,192 tokens with the vocabulary doubled (fraction of the HBM
+bound), one GRPO step before/after, and the earlier memory figures.
 """
 
 from __future__ import annotations
@@ -426,7 +429,7 @@ def report(results: dict) -> str:
     if mo:
         lines.append(
             f"| mask_overhead | {mo['mask_overhead']:+.3f} | {met('mask_overhead', mo['mask_overhead'])} | "
-            f"rollout.sample B = {mo['B']}, {mo['N']} tokens, V = {mo['V']:,}: {mo['mask_s']:.2f} s vs "
+            f"engine B = {mo['B']}, {mo['N']} tokens, V = {mo['V']:,}: {mo['mask_s']:.2f} s vs "
             f"{mo['none_s']:.2f} s |"
         )
     mt = results.get("mask_vs_text")
@@ -492,7 +495,7 @@ def report(results: dict) -> str:
     if ro:
         for name, r in ro.items():
             if name != "draw_ms" and r is not None:
-                lines += ["", f"profile, {name} (share of own time, cProfile):", "  rollout.sample:"]
+                lines += ["", f"profile, {name} (share of own time, cProfile):", "  engine:"]
                 lines += [f"    {s:5.1%} {c:>6} calls  {x}" for s, c, x in r["profile_ours"]]
                 lines += ["  HF generate:"] + [f"    {s:5.1%} {c:>6} calls  {x}" for s, c, x in r["profile_hf"]]
     return "\n".join(lines + ["", "Why a target is missed, with profiles: docs/benchmarks.md."])
