@@ -11,6 +11,7 @@ import time
 
 import torch as th
 
+import checkpoints
 import engine
 import grpo
 import policy
@@ -120,10 +121,11 @@ def gpu_logprob_memory(model, T: int = 2048) -> dict:
         logprob_step(model, r, adjust, chunk, autocast=True)
 
     model.train()
-    grpo.decoder_checkpointing(model, True)  # as at long T: the body's activations then stay small beside the head's
+    # As at long T: the body's activations then stay small beside the head's.
+    checkpoints.decoder_checkpointing(model, True)
     run(256)  # warm-up
     naive, chunked = cuda_peak_gib(lambda: run(None)), cuda_peak_gib(lambda: run(grpo.Config().logprob_chunk))
-    grpo.decoder_checkpointing(model, False)
+    checkpoints.decoder_checkpointing(model, False)
     model.eval()
     return {
         "T": T,
@@ -255,7 +257,7 @@ def gpu_update(model, lengths=(1024, 4096, 8192), groups=(4, 8, 16), group_T: in
     adjust = qwen3_adjust(DOUBLED, doubled_vocab())
     adjust.bias = adjust.bias.to(DEV)
     model.train()
-    grpo.decoder_checkpointing(model, True)
+    checkpoints.decoder_checkpointing(model, True)
     opt = th.optim.AdamW(model.parameters(), lr=1e-6)
 
     def one(G: int, T: int) -> dict:
@@ -272,7 +274,7 @@ def gpu_update(model, lengths=(1024, 4096, 8192), groups=(4, 8, 16), group_T: in
 
     one(1, 256)  # warm-up; allocates AdamW's state, which then counts in the baseline
     out = {"length": [one(1, T) for T in lengths], "group": [one(G, group_T) for G in groups]}
-    grpo.decoder_checkpointing(model, False)
+    checkpoints.decoder_checkpointing(model, False)
     model.eval()
     return out
 

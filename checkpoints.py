@@ -49,6 +49,13 @@ def load_model_and_tokenizer(path: str, device: th.device):
     return model, tokenizer
 
 
+def decoder_checkpointing(model, on: bool) -> None:
+    """Recompute the decoder layers in backward (activation checkpointing: memory) or not; transformers renamed the
+    switch during 5.x."""
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{name}_checkpointing_{'enable' if on else 'disable'}")()
+
+
 def frozen_copy(model):
     """A frozen copy of `model` (the reference policy), with the same (possibly expanded) vocabulary."""
     ref = AutoModelForCausalLM.from_config(model.config).to(model.device)

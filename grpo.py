@@ -38,6 +38,7 @@ import evaluate
 import reward
 import vocab as rvocab
 from checkpoints import (
+    decoder_checkpointing,
     find_resume,
     frozen_copy,
     load_model_and_tokenizer,
@@ -642,6 +643,9 @@ def check_config(cfg: Config) -> None:
         raise ValueError("prompts_per_step and group_size must be ≥ 1")
     if cfg.eval_every < 0 or (cfg.eval_every > 0 and not cfg.eval_dataset):
         raise ValueError(f"eval_every={cfg.eval_every}: must be ≥ 0, and > 0 needs eval_dataset (hub id or file)")
+    if cfg.sampler_cap < 1 or cfg.rollout_kv_gib < 0 or cfg.rollout_batch_size < 0:
+        raise ValueError(f"--sampler-cap {cfg.sampler_cap} must be ≥ 1, --rollout-kv-gib {cfg.rollout_kv_gib} and "
+                         f"--rollout-batch-size {cfg.rollout_batch_size} ≥ 0")  # fmt: skip
 
 
 def load_policy(cfg: Config, resume_from: Path | None, device: th.device):
@@ -676,12 +680,6 @@ def lr_lambda(warmup_steps: int, schedule: str, steps: int):
         return 1.0
 
     return factor
-
-
-def decoder_checkpointing(model, on: bool) -> None:
-    """Recompute the decoder layers in backward (memory) or not; transformers renamed the switch during 5.x."""
-    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    getattr(model, f"{name}_checkpointing_{'enable' if on else 'disable'}")()
 
 
 def main(argv: list[str] | None = None) -> Config:

@@ -126,6 +126,14 @@ def test_bf16_sampling_copy_follows_the_master_weights():
     assert all(th.equal(a, b.to(th.bfloat16)) for a, b in zip(copy.parameters(), model.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("bad", [{"sampler_cap": 0.5}, {"rollout_kv_gib": -1.0}, {"rollout_batch_size": -2}])
+def test_bad_rollout_options_are_refused_before_anything_loads(tmp_path, bad):
+    cfg = grpo.Config(model=str(tmp_path / "no-such-model"), output_dir=str(tmp_path / "out"), **bad)
+    with pytest.raises(ValueError, match="--sampler-cap"):
+        grpo.train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_slots_for_a_kv_budget():
     model = tiny_model(64)  # 2 layers, 2 KV heads of 8: 2 · 2 · 2 · 8 · 4 bytes = 256 bytes per token in fp32
     assert engine.slots_for(model, 1.0, 1024, th.float32) == 2**30 // (256 * 1024)

@@ -298,7 +298,7 @@ def test_decoder_checkpointing_gives_the_same_update():
     weights = []
     for on in (False, True):
         m = tiny_model(32).train()
-        grpo.decoder_checkpointing(m, on)
+        checkpoints.decoder_checkpointing(m, on)
         assert m.model.gradient_checkpointing is on
         opt = th.optim.SGD(m.parameters(), lr=0.1)
         cfg = tiny_cfg(micro_batch_size=4, max_new_tokens=9)
