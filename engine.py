@@ -56,6 +56,8 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, dr
     s = rollout_step
     if s is None:
         raise RuntimeError("engine_attention runs only inside engine.generate")
+    if kw.get("sliding_window"):
+        raise NotImplementedError("the rollout engine attends over the whole context: no sliding-window layers")
     layer = s.cache[module.layer_idx]
     if not layer:  # allocate this layer's cache in the dtype the body produces (bf16 weights → bf16 KV)
         S, L = s.shape
@@ -105,6 +107,14 @@ def slots_for(model, kv_gib: float, tokens_per_slot: int, dtype: th.dtype) -> in
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * th.finfo(dtype).bits // 8
     return max(1, int(kv_gib * 2**30) // (per_token * tokens_per_slot))
+
+
+def slot_count(model, slots: int, jobs: int, kv_gib: float, tokens_per_slot: int) -> int:
+    """Slots for `jobs` completions: `slots` (0: one per job), capped so that the cache fits in `kv_gib` (0: no cap)."""
+    slots = slots or jobs
+    if kv_gib > 0:
+        slots = min(slots, slots_for(model, kv_gib, tokens_per_slot, next(model.parameters()).dtype))
+    return slots
 
 
 @th.no_grad()
@@ -193,7 +203,7 @@ def generate(
                             True, P, (S, L))  # fmt: skip
                 out = body(input_ids=tokens.to(device), position_ids=th.arange(P, device=device).expand(n, P),
                            use_cache=False, rollout_step=step)  # fmt: skip
-                hidden.append(out.last_hidden_state[th.arange(n), th.tensor(lens) - 1])
+                hidden.append(out.last_hidden_state[th.arange(n, device=device), th.tensor(lens, device=device) - 1])
                 for s, length in zip(new_slots, lens, strict=True):
                     slot_len[s] = length
 

@@ -57,7 +57,7 @@ from distributed import (
     teardown_distributed,
     world,
 )
-from engine import slots_for
+from engine import slot_count
 from logs import log_samples, log_step, sample_records, step_metrics, truncate_metrics
 from policy import LogitAdjust, lm_head_fp32, model_adjust
 from rollout import Rollout, copy_weights, positions, reward_texts, rollout, sample_seed, sampling_copy
@@ -279,7 +279,8 @@ def policy_loss(
         KL_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1          (k3 estimator, ≥ 0)
 
     The tokens were drawn from the sampler's π_s (the engine's bf16 copy), not exactly from π_old. With
-    δ_t = log π_old(o_t) − log π_s(o_t) (sampler_logp = log π_s), each ℓ_t is multiplied by the constant w:
+    δ_t = log π_old(o_t) − log π_s(o_t) (sampler_logp = log π_s), the policy-gradient term of each ℓ_t (not the KL
+    term, as in TRL) is multiplied by the constant w:
         "tis"            w_t = min(exp δ_t, C)                                truncated importance sampling, per token
                                                                               (Yao et al. 2025; TRL token_truncate)
         "sequence_mask"  w_i = 1[1/C ≤ exp(mean_t δ_it) ≤ C]                  drop completions whose sampler strayed
@@ -299,6 +300,8 @@ def policy_loss(
     A = advantages[:, None].to(logp.dtype)
     clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
     per_token = -th.min(ratio * A, clipped_ratio * A)
+    if correction != "none" and sampler_logp is not None:
+        per_token = per_token * sampler_weight(old_logp.detach(), sampler_logp, mask, correction, cap)
     kl = None
     if beta != 0:
         if ref_logp is None:
@@ -306,8 +309,6 @@ def policy_loss(
         d = ref_logp - logp
         kl = d.exp() - d - 1
         per_token = per_token + beta * kl
-    if correction != "none" and sampler_logp is not None:
-        per_token = per_token * sampler_weight(old_logp.detach(), sampler_logp, mask, correction, cap)
 
     if loss_type == "token":
         loss = (per_token * mask).sum() / (num_tokens if num_tokens is not None else mask.sum().clamp(min=1))
@@ -328,8 +329,8 @@ def policy_loss(
             "ratio": float((ratio * mask).sum() / n),
             "kl": float((kl * mask).sum() / n) if kl is not None else 0.0,
         }
-        if sampler_logp is not None:  # how far the sampler is from the trainer: k3 estimate of KL(π_s ‖ π_θ)
-            d = logp.detach() - sampler_logp
+        if sampler_logp is not None:  # how far the sampler is from the trainer: k3 estimate of KL(π_s ‖ π_old)
+            d = old_logp.detach() - sampler_logp
             stats["sampler_kl"] = float(((d.exp() - d - 1) * mask).sum() / n)
             stats["sampler_dlogp_max"] = float((d.abs() * mask).max()) if mask.numel() else 0.0
     return loss, stats
@@ -476,15 +477,6 @@ def update(
             "sampler_dlogp_max": float(dlogp_max), **{k: float(v) for k, v in zip(STAT_KEYS, totals[1:], strict=True)}}  # fmt: skip
 
 
-def rollout_slots(cfg: Config, sampler, jobs: int) -> int:
-    """The engine's slot count: --rollout-batch-size (0: every job), capped by --rollout-kv-gib."""
-    slots = cfg.rollout_batch_size or jobs
-    if cfg.rollout_kv_gib > 0:
-        dtype = next(sampler.parameters()).dtype
-        slots = min(slots, slots_for(sampler, cfg.rollout_kv_gib, cfg.max_prompt_len + cfg.max_new_tokens, dtype))
-    return slots
-
-
 def update_options(cfg: Config) -> dict:
     """The run's options that `update` takes (the loss's, micro-batching, clipping)."""
     return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
@@ -505,7 +497,8 @@ def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adju
     prompts = [ex.prompt_ids for ex in batch for _ in range(G)]
     seeds = [sample_seed(cfg.seed, step, ex.index, j) for ex in batch for j in range(G)]
     r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
-                slots=rollout_slots(cfg, sampler, len(prompts)), head=model.get_output_embeddings(),
+                slots=slot_count(sampler, cfg.rollout_batch_size, len(prompts), cfg.rollout_kv_gib,
+                                 cfg.max_prompt_len + cfg.max_new_tokens), head=model.get_output_embeddings(),
                 should_stop=stop_requested, progress_every=30.0 if world()[0] == 0 else 0.0)  # fmt: skip
     if preempted():
         return None
@@ -591,9 +584,11 @@ def train(cfg: Config, score_fn=None) -> Path:
         import wandb  # only with --wandb online/offline
 
         run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg), dir=output_dir)
+    eval_len = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    eval_slots = slot_count(sampler, cfg.rollout_batch_size, cfg.eval_samples * len(eval_examples or []),
+                            cfg.rollout_kv_gib, cfg.max_prompt_len + eval_len)  # fmt: skip
     run_eval = partial(evaluate.during_training, sampler, tokenizer, eval_examples, adjust, samples=cfg.eval_samples,
-                       max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, top_p=cfg.top_p,
-                       batch_size=rollout_slots(cfg, sampler, cfg.eval_samples * len(eval_examples or [])), seed=cfg.seed,
+                       max_new_tokens=eval_len, top_p=cfg.top_p, batch_size=eval_slots, seed=cfg.seed,
                        head=model.get_output_embeddings(), score_fn=score_fn, output_dir=output_dir,
                        steps=cfg.steps)  # fmt: skip
     if eval_examples is not None and resume_from is None:  # the starting point, in a line of its own

@@ -85,7 +85,10 @@ def sampling_copy(model, dtype: th.dtype = th.bfloat16):
     """A copy of the policy to sample from in `dtype` (bf16 on GPU: half the bytes per decode step, bf16 keys and
     values in the engine's cache); the fp32 master weights stay for training. Refresh it after each optimizer step
     with `copy_weights`."""
-    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    sampler = copy.deepcopy(model).eval().requires_grad_(False)
+    for p in sampler.parameters():  # parameters only: buffers such as RoPE's inv_freq keep their fp32 precision
+        p.data = p.data.to(dtype)
+    return sampler
 
 
 @th.no_grad()

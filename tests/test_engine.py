@@ -115,6 +115,7 @@ def test_bf16_sampling_copy_follows_the_master_weights():
     adjust = plain_adjust(64)
     copy = rollout.sampling_copy(model)
     assert next(copy.parameters()).dtype == th.bfloat16 and next(model.parameters()).dtype == th.float32
+    assert all(b.dtype == th.float32 for b in copy.buffers())  # RoPE's inv_freq keeps fp32: long contexts stay exact
     ids, mask, _, logp, _, _ = run_engine(copy, adjust, head=model.get_output_embeddings(), slots=3)
     train = grpo.sequence_logprobs(model, *rollout.left_pad(PROMPTS, 0), ids, mask, adjust)
     gap = ((train - logp) * mask).abs().max()
@@ -138,6 +139,8 @@ def test_slots_for_a_kv_budget():
     model = tiny_model(64)  # 2 layers, 2 KV heads of 8: 2 · 2 · 2 · 8 · 4 bytes = 256 bytes per token in fp32
     assert engine.slots_for(model, 1.0, 1024, th.float32) == 2**30 // (256 * 1024)
     assert engine.slots_for(model, 1.0, 1024, th.bfloat16) == 2 * 2**30 // (256 * 1024)
+    assert engine.slot_count(model, 0, 10_000, 1.0, 1024) == 4096 and engine.slot_count(model, 64, 100, 1.0, 1024) == 64
+    assert engine.slot_count(model, 0, 100, 0.0, 1024) == 100  # no budget: one slot per job
 
 
 # ---------------------------------------------------------------------------------------------------------------------
