@@ -24,7 +24,6 @@ for _name, _value in [("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("T
     os.environ.setdefault(_name, _value)
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
@@ -52,6 +51,7 @@ from bench_common import (  # noqa: E402
     THINK_ID,
     bench_mask_overhead,
     doubled_vocab,
+    hf_sampling_config,
     logprob_step,
     machine,
     median_time,
@@ -193,9 +193,7 @@ def bench_rollout(model, V: int, adjust: policy.LogitAdjust, B: int, P: int, N: 
     g = th.Generator().manual_seed(3)
     prompts = th.randint(low, min(V, QWEN3_BASE), (B, P), generator=g).tolist()
     ids, mask = rollout.left_pad(prompts, pad_id)
-    gc_ = copy.deepcopy(model.generation_config)
-    gc_.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, min_new_tokens=0)
-    gc_.eos_token_id, gc_.pad_token_id, gc_.bos_token_id = None, pad_id, None  # never stops early: EOS disabled
+    gc_ = hf_sampling_config(model, N, None, pad_id)  # never stops early: EOS disabled
 
     def ours():
         gens = [th.Generator().manual_seed(i) for i in range(B)]
@@ -328,9 +326,7 @@ def engine_contest(model, prompts: list[list[int]], adjust, eos_ids: list[int], 
                    repeats: int = 1) -> dict:  # fmt: skip
     """Real completion tokens per second of HF `generate` (batches of S, each until its longest row ends), the
     engine (S slots, refilled) and the engine without refill, on the same jobs, EOS ids and length limit N."""
-    gen_cfg = copy.deepcopy(model.generation_config)
-    gen_cfg.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, min_new_tokens=0)
-    gen_cfg.eos_token_id, gen_cfg.pad_token_id, gen_cfg.bos_token_id = eos_ids, pad_id, None
+    gen_cfg = hf_sampling_config(model, N, eos_ids, pad_id)
     eos = th.tensor(eos_ids)
 
     def hf() -> list[int]:

@@ -3,6 +3,7 @@ decoders, Qwen3's vocabulary doubled), timers, the gate-overhead measurement bot
 
 from __future__ import annotations
 
+import copy
 import cProfile
 import io
 import os
@@ -96,6 +97,15 @@ def doubled_vocab() -> rvocab.ReasoningVocab:
 
 def qwen3_adjust(V: int, vocab: rvocab.ReasoningVocab | None, temperature: float = 1.0) -> policy.LogitAdjust:
     return policy.LogitAdjust(temperature, policy.padding_bias(V, QWEN3_TOKENS, QWEN3_ROWS), vocab)
+
+
+def hf_sampling_config(model, N: int, eos_ids: list[int] | None, pad_id: int):
+    """HF `generate`'s settings for the contests: plain sampling at T = 1 (no top-k/top-p) of up to N new tokens,
+    stopping at `eos_ids` (None: never early)."""
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, min_new_tokens=0)
+    cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id = eos_ids, pad_id, None
+    return cfg
 
 
 def median_time(fn, repeats: int = REPEATS, warmup: int = 1) -> float:

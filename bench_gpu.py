@@ -3,7 +3,6 @@ Each section is guarded, so one failure leaves the others' figures. DEV = "cpu" 
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import sys
@@ -26,6 +25,7 @@ from bench_common import (
     THINK_ID,
     bench_mask_overhead,
     doubled_vocab,
+    hf_sampling_config,
     logprob_step,
     met,
     qwen3_adjust,
@@ -81,9 +81,7 @@ def gpu_rollout(model, B: int, P: int = 64, N: int = 128) -> dict:
     ids, mask = (x.to(DEV) for x in rollout.left_pad(prompts, QWEN3_BASE))
     adjust = policy.LogitAdjust(1.0, policy.padding_bias(QWEN3_ROWS, QWEN3_TOKENS, QWEN3_ROWS).to(DEV), None)
     bf16 = rollout.sampling_copy(model)
-    gen_cfg = copy.deepcopy(model.generation_config)
-    gen_cfg.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, min_new_tokens=0)
-    gen_cfg.eos_token_id, gen_cfg.pad_token_id, gen_cfg.bos_token_id = None, QWEN3_BASE, None
+    gen_cfg = hf_sampling_config(model, N, None, QWEN3_BASE)  # EOS off
 
     def engine_run(n: int = N):
         gens = [th.Generator(DEV).manual_seed(i) for i in range(B)]
@@ -208,11 +206,8 @@ def gpu_grpo_step(model, prompts_per_step: int = 16, G: int = 8, N: int = 1024, 
             r = rollout.concat_rollouts(parts, 0)
         else:
             bf16 = rollout.sampling_copy(model)
-            ids, mask, trunc, logp, ent, start = engine.generate(bf16, prompts, gens, adjust, max_new_tokens=N,
-                                                                 eos_ids=eos, pad_id=0, slots=len(prompts),
-                                                                 head=model.get_output_embeddings())  # fmt: skip
-            p_ids, p_mask = (x.to(DEV) for x in rollout.left_pad(prompts, 0))
-            r = rollout.Rollout(p_ids, p_mask, ids, mask, trunc, logp, ent, start)
+            r = rollout.generate(bf16, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos, pad_id=0,
+                                 slots=len(prompts), head=model.get_output_embeddings())  # fmt: skip
         if DEV == "cuda":
             th.cuda.synchronize()
         t_rollout = time.perf_counter() - t0

@@ -61,7 +61,10 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, dr
     layer = s.cache[module.layer_idx]
     if not layer:  # allocate this layer's cache in the dtype the body produces (bf16 weights → bf16 KV)
         S, L = s.shape
-        layer += [key.new_zeros(S, key.shape[1], L, key.shape[3]), value.new_zeros(S, value.shape[1], L, key.shape[3])]
+        layer += [
+            key.new_zeros(S, key.shape[1], L, key.shape[3]),
+            value.new_zeros(S, value.shape[1], L, value.shape[3]),
+        ]
     K, V = layer
     if s.prefill:
         T = key.shape[2]

@@ -65,20 +65,27 @@ def rollout(
     was_training = model.training
     model.eval()
     try:
-        ids, mask, truncated, logp, entropy, start_inside = engine.generate(
-            model, prompts, generators, adjust, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-            pad_id=tokenizer.pad_token_id, slots=slots, top_p=top_p, greedy=greedy, head=head,
-            should_stop=should_stop, progress_every=progress_every,
-        )  # fmt: skip
+        r = generate(model, prompts, generators, adjust, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                     pad_id=tokenizer.pad_token_id, slots=slots, top_p=top_p, greedy=greedy, head=head,
+                     should_stop=should_stop, progress_every=progress_every)  # fmt: skip
     finally:
         model.train(was_training)
-    prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, tokenizer.pad_token_id))
-    texts = [
-        decode(tokenizer, adjust.vocab, row[m.bool()].tolist()) for row, m in zip(ids.cpu(), mask.cpu(), strict=True)
-    ]
+    ids, mask = r.completion_ids.cpu(), r.completion_mask.cpu()
+    r.texts = [decode(tokenizer, adjust.vocab, row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
     tags = rvocab.think_tag_ids(tokenizer)  # (<think>, </think>) ids, or None
-    opened = [tags is not None and rvocab.opens_think(p, *tags) for p in prompts]
-    return Rollout(prompt_ids, prompt_mask, ids, mask, truncated, logp, entropy, start_inside, texts, opened)
+    r.opened_think = [tags is not None and rvocab.opens_think(p, *tags) for p in prompts]
+    return r
+
+
+def generate(model, prompts: list[list[int]], generators: list[th.Generator], adjust: LogitAdjust, *, pad_id: int,
+             **engine_options) -> Rollout:  # fmt: skip
+    """engine.generate's completions as a `Rollout` (no text): the prompts left-padded beside them, as training
+    reads them. engine_options go to engine.generate (max_new_tokens, eos_ids, slots, head, …)."""
+    ids, mask, truncated, logp, entropy, start_inside = engine.generate(
+        model, prompts, generators, adjust, pad_id=pad_id, **engine_options
+    )
+    prompt_ids, prompt_mask = (x.to(ids.device) for x in left_pad(prompts, pad_id))
+    return Rollout(prompt_ids, prompt_mask, ids, mask, truncated, logp, entropy, start_inside)
 
 
 def sampling_copy(model, dtype: th.dtype = th.bfloat16):

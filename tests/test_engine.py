@@ -12,7 +12,7 @@ import grpo
 import rollout
 from tests.conftest import tiny_model
 from tests.test_grpo import plain_adjust
-from tests.test_reasoning_training import chat_prompts, expanded
+from tests.test_reasoning_training import gated_case
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [3], [4, 4, 4, 4], [9, 8, 7, 6, 5, 4], [2], [7, 7]]
 
@@ -43,10 +43,7 @@ def test_engine_samples_what_the_reference_loop_samples_in_any_slot(slots, refil
 
 def test_engine_logprobs_equal_training_logprobs_with_the_gate(tiny_tokenizer):
     for tie in (True, False):
-        model, vocab, adjust = expanded(tiny_tokenizer, size=120, tie=tie)
-        adjust.temperature = 0.8
-        adjust.bias[vocab.end_think_id] += 3.0  # cross the gate inside the sequences
-        prompts = chat_prompts(tiny_tokenizer, True, 3) + chat_prompts(tiny_tokenizer, False, 3)
+        model, adjust, prompts = gated_case(tiny_tokenizer, tie)
         r = rollout.rollout(model, tiny_tokenizer, prompts, list(range(6)), adjust, max_new_tokens=20, slots=4,
                             eos_ids=[tiny_tokenizer.eos_token_id])  # fmt: skip
         inside = adjust.inside(r.completion_ids, r.start_inside)

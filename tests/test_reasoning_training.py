@@ -55,12 +55,17 @@ def test_no_reasoning_id_outside_think_even_when_pushed(tiny_tokenizer):
     assert vocab.stats(r.completion_ids, r.completion_mask, inside)["reasoning_outside"] == 0
 
 
+def gated_case(tiny_tokenizer, tie: bool):
+    """A partly copied vocabulary whose policy crosses the gate inside sequences, and prompts opening think or not."""
+    model, vocab, adjust = expanded(tiny_tokenizer, size=120, tie=tie)
+    adjust.temperature = 0.8
+    adjust.bias[vocab.end_think_id] += 3.0  # cross the gate inside the sequences
+    return model, adjust, chat_prompts(tiny_tokenizer, True, 3) + chat_prompts(tiny_tokenizer, False, 3)
+
+
 def test_training_logprobs_equal_sampler_logprobs_with_the_gate(tiny_tokenizer):
     for tie in (True, False):
-        model, vocab, adjust = expanded(tiny_tokenizer, size=120, tie=tie)
-        adjust.temperature = 0.8
-        adjust.bias[vocab.end_think_id] += 3.0  # cross the gate inside the sequences
-        prompts = chat_prompts(tiny_tokenizer, True, 3) + chat_prompts(tiny_tokenizer, False, 3)
+        model, adjust, prompts = gated_case(tiny_tokenizer, tie)
         r = rollout.sample(model, prompts, adjust, max_new_tokens=20, eos_ids=[tiny_tokenizer.eos_token_id],
                         pad_id=tiny_tokenizer.pad_token_id, generator=th.Generator().manual_seed(1))  # fmt: skip
         inside = adjust.inside(r.completion_ids, r.start_inside)
