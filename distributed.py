@@ -8,11 +8,15 @@ summed over ranks; a SLURM signal on any rank stops every rank at the same safe 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
+from pathlib import Path
 
 import torch as th
 import torch.distributed as dist
+
+from config import UsageError
 
 
 def world() -> tuple[int, int]:
@@ -66,9 +70,34 @@ def all_reduce_grads(params: list[th.Tensor], bucket: int = 2**26) -> None:
 
 
 def pick_device(name: str) -> th.device:
-    if name == "auto":
-        return th.device("cuda" if th.cuda.is_available() else "cpu")
-    return th.device(name)
+    """The device for --device NAME: 'auto' is CUDA when torch can use it, else CPU. A job that was given GPUs
+    (CUDA_VISIBLE_DEVICES, SLURM's GPU variables) or asked for 'cuda' never falls back to CPU silently."""
+    if th.cuda.is_available():
+        return th.device("cuda" if name == "auto" else name)
+    if name.startswith("cuda") or (name == "auto" and gpus_given()):
+        raise UsageError(gpu_unusable(name))
+    return th.device("cpu")
+
+
+def gpus_given() -> str | None:
+    """The environment variable that says this job has GPUs (CUDA_VISIBLE_DEVICES, SLURM_GPUS_ON_NODE, ...), or None."""
+    for var in ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):
+        value = os.environ.get(var, "").strip()
+        no_gpu = ("", "-1", "NoDevFiles") + (("0",) if var == "SLURM_GPUS_ON_NODE" else ())  # a count there
+        if value not in no_gpu:
+            return f"{var}={value}"
+    return None
+
+
+def gpu_unusable(name: str) -> str:
+    """Why torch cannot use the GPUs this job asked for or was given, with torch's CUDA and the driver's."""
+    version = Path("/proc/driver/nvidia/version")
+    found = re.search(r"\d+\.\d+(\.\d+)?", version.read_text()) if version.is_file() else None
+    driver = f"NVIDIA driver {found.group()}" if found else "no NVIDIA driver found"
+    why = f"--device {name}" if name != "auto" else f"GPUs were given ({gpus_given()})"
+    return (f"{why} but torch {th.__version__} cannot use CUDA (torch built for CUDA {th.version.cuda}; {driver}). "
+            "If the driver is older than torch's CUDA, install a torch build for the driver's CUDA (README: "
+            "'GPU clusters'); for a CPU run pass --device cpu.")  # fmt: skip
 
 
 _device = th.device("cpu")  # the collectives' device (CUDA under NCCL), set by setup_distributed

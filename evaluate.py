@@ -22,16 +22,19 @@ writes <output_dir>/<dataset>.jsonl (one line per problem: its completions, extr
 
 from __future__ import annotations
 
+from config import EvalConfig, UsageError, check_eval_config, eval_cli_config, exit_on_usage_error
+
+if __name__ == "__main__":  # --help and option errors before the heavy imports below (~1 s)
+    CLI_CONFIG = eval_cli_config()
+
 import dataclasses
 import math
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch as th
 import torch.distributed as dist
-import tyro
 
 import data
 import reward
@@ -101,6 +104,7 @@ def evaluate(
     head=None,
     score_fn=None,
     should_stop=None,
+    progress_every: float = 0.0,
 ) -> tuple[list[dict], dict]:
     """Sample every example `samples` times with the policy `adjust` (its vocab is the reasoning vocabulary, if any)
     and score the completions; returns (records, summary), the same on every rank.
@@ -112,7 +116,7 @@ def evaluate(
     with a reasoning vocabulary think_tokens and reasoning_tokens (reasoning ids among them). The summary is
     `summarize(records, samples)`. score_fn(completions, answers) → (rewards, accuracies) replaces reward.score; a
     completion is correct when its accuracy is 1. batch_size (the engine's slots), head and should_stop() go to
-    rollout.rollout."""
+    rollout.rollout, and so does progress_every (> 0: a progress line every that many seconds)."""
     if samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"need samples, batch_size, max_new_tokens ≥ 1, got {samples}, {batch_size}, {max_new_tokens}")
     if not examples:
@@ -122,7 +126,8 @@ def evaluate(
     records = []
     if mine:  # a rank can have none when there are more ranks than problems
         records = score_records(model, tokenizer, mine, adjust, samples, seed, score_fn, max_new_tokens=max_new_tokens,
-                                top_p=top_p, greedy=greedy, slots=batch_size, head=head, should_stop=should_stop)  # fmt: skip
+                                top_p=top_p, greedy=greedy, slots=batch_size, head=head, should_stop=should_stop,
+                                progress_every=progress_every)  # fmt: skip
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, records)
@@ -207,6 +212,7 @@ def training_metrics(summary: dict) -> dict[str, float]:
 
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+PROGRESS_EVERY = 30.0  # seconds between the progress lines of a long evaluation
 
 
 def dataset_name(source: str) -> str:
@@ -221,65 +227,12 @@ def default_split(source: str) -> str:
     return "train" if Path(source).suffix in LOCAL_SUFFIXES or source == "arithmetic" else "test"
 
 
-@dataclass
-class EvalConfig:
-    """Evaluation options. Prompt options default to grpo.Config's, so a run is evaluated on the prompts it saw."""
-
-    model: str
-    """Checkpoint directory (its reasoning vocabulary is loaded with it), hub id, or .gguf file."""
-    datasets: tuple[str, ...] = ("HuggingFaceH4/MATH-500",)
-    """Hub ids and/or local .json/.jsonl/.parquet files (data.py detects the fields)."""
-    split: str | None = None
-    """Dataset split; default 'test' for hub ids and the whole file for local files."""
-    prompt_field: str | None = None
-    """Override the auto-detected problem field (every dataset)."""
-    answer_field: str | None = None
-    """Override the auto-detected answer field (every dataset)."""
-    skip_bad_rows: bool = False
-    """Skip (and count) malformed rows instead of raising."""
-    max_problems: int | None = None
-    """Evaluate a seeded random subset of this many problems per dataset."""
-    system_prompt: str | None = None
-    """Optional system message."""
-    instruction: str = data.DEFAULT_INSTRUCTION
-    """Appended to each problem."""
-    enable_thinking: bool = True
-    """Open a think block in the prompt where the chat template supports it."""
-    max_prompt_len: int = 1024
-    """Prompts longer than this (tokens) are dropped and counted."""
-
-    samples: int = 4
-    """Completions per problem (k); pass@1 is their mean."""
-    greedy: bool = False
-    """Argmax decoding instead of sampling (the k samples are then identical)."""
-    temperature: float = 0.6
-    """Sampling temperature, as in training."""
-    top_p: float = 1.0
-    """Nucleus sampling, as in training."""
-    max_new_tokens: int = 8192
-    """Completion length limit; longer completions are truncated (counted in truncation_rate)."""
-    batch_size: int = 64
-    """Sequences decoding at once (the engine's slots; memory); results do not depend on it."""
-    seed: int = 0
-    """Seed of the samples and of the max_problems subset."""
-
-    output_dir: str = "runs/eval"
-    """<dataset>.jsonl per dataset, summary.json, eval_config.json."""
-    device: str = "auto"
-    """'auto' (CUDA when available, else CPU), 'cuda', 'cpu'."""
-    bf16: bool = True
-    """On GPU, sample from a bf16 copy of the model (output layer and logits fp32), as in training."""
-
-
 def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
     """Evaluate cfg.model on each of cfg.datasets; returns {dataset: summary} and (rank 0) writes the files."""
-    if cfg.temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use --greedy for argmax decoding), got {cfg.temperature}")
+    check_eval_config(cfg)
     names = [dataset_name(d) for d in cfg.datasets]
-    if not names:
-        raise ValueError("no datasets to evaluate")
     if len(set(names)) < len(names):
-        raise ValueError(f"datasets {list(cfg.datasets)} would share an output file name: {names}")
+        raise UsageError(f"--datasets {' '.join(cfg.datasets)}: would share an output file name: {names}")
     device = setup_distributed(cfg.device)
     rank, world_size = world()
     autocast = device.type == "cuda" and cfg.bf16
@@ -313,7 +266,8 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
         records, summaries[source] = evaluate(sampler, tokenizer, examples, adjust, samples=cfg.samples,
                                               max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy, top_p=cfg.top_p,
                                               batch_size=cfg.batch_size, seed=cfg.seed,
-                                              head=model.get_output_embeddings())  # fmt: skip
+                                              head=model.get_output_embeddings(),
+                                              progress_every=PROGRESS_EVERY if rank == 0 else 0.0)  # fmt: skip
         if rank == 0:  # after every dataset, so that a crash keeps the finished ones
             write_jsonl(out / f"{name}.jsonl", records)
             write_json(out / "summary.json", summaries)
@@ -336,9 +290,10 @@ def format_table(summaries: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    """Parse the command line (default: sys.argv[1:]) and evaluate; returns {dataset: summary}."""
-    return evaluate_datasets(tyro.cli(EvalConfig, args=argv))
+    """Parse the command line (default: sys.argv[1:]; see config.eval_cli_config) and evaluate; returns
+    {dataset: summary}."""
+    return exit_on_usage_error(evaluate_datasets, eval_cli_config(argv))
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_usage_error(evaluate_datasets, CLI_CONFIG)

@@ -18,19 +18,21 @@ Each equation is written once, in the docstring of the function that computes it
 
 from __future__ import annotations
 
+from config import Config, check_config, cli_config, exit_on_usage_error
+
+if __name__ == "__main__":  # the command line first, before the heavy imports below: --help and errors in ~1 s
+    CLI_CONFIG = cli_config()
+
 import dataclasses
 import json
 import math
+import os
 import random
-import sys
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import torch as th
-import tyro
 from torch.utils.checkpoint import checkpoint
 
 import data
@@ -44,7 +46,6 @@ from checkpoints import (
     load_model_and_tokenizer,
     restore_trainer_state,
     save_checkpoint,
-    smollm2_gguf,
 )
 from distributed import (
     all_reduce_grads,
@@ -58,176 +59,9 @@ from distributed import (
     world,
 )
 from engine import slot_count
-from logs import log_samples, log_step, sample_records, step_metrics, truncate_metrics
+from logs import log_samples, log_step, sample_records, step_metrics, truncate_logs
 from policy import LogitAdjust, lm_head_fp32, model_adjust
 from rollout import Rollout, copy_weights, positions, reward_texts, rollout, sample_seed, sampling_copy
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class Config:
-    """GRPO trainer options. Defaults are the real experiment: Qwen3-0.6B on DeepScaleR, seed 0."""
-
-    preset: Literal["none", "demo"] = "none"
-    """Start from a named preset (must come first on the command line): 'demo' is a small offline run on CPU."""
-
-    # Model and data
-    model: str = "Qwen/Qwen3-0.6B"
-    """Hub id, local directory, or path to a .gguf file."""
-    dataset: str = "agentica-org/DeepScaleR-Preview-Dataset"
-    """Hub id, local .json/.jsonl/.parquet file, or 'arithmetic' (generated a+b problems)."""
-    split: str = "train"
-    """Dataset split (hub datasets)."""
-    prompt_field: str | None = None
-    """Override the auto-detected problem field."""
-    answer_field: str | None = None
-    """Override the auto-detected answer field."""
-    skip_bad_rows: bool = False
-    """Skip (and count) malformed rows instead of raising."""
-    max_samples: int | None = None
-    """Use a random subset of this many problems."""
-    system_prompt: str | None = None
-    """Optional system message."""
-    instruction: str = data.DEFAULT_INSTRUCTION
-    """Appended to each problem."""
-    enable_thinking: bool = True
-    """Open a think block in the prompt where the chat template supports it."""
-    max_prompt_len: int = 1024
-    """Prompts longer than this (tokens) are dropped and counted."""
-    reasoning_vocab_size: int = 0
-    """Reasoning-vocabulary copies of the first N regular tokens; 0 = baseline, -1 = every regular token."""
-    reasoning_offset: bool = True
-    """Subtract log(1 + m_s) from each instance of a copied token inside think (step-0 invariance); off = ablation."""
-
-    # Sampling
-    prompts_per_step: int = 16
-    """Prompts per optimizer step, over all ranks."""
-    group_size: int = 8
-    """Completions per prompt (G)."""
-    temperature: float = 0.6
-    """Sampling temperature; also divides the logits of every training log-prob."""
-    top_p: float = 1.0
-    """Nucleus sampling; < 1 biases the ratio against the sampler's log-probs (see notes)."""
-    max_new_tokens: int = 8192
-    """Completion length limit; longer completions are truncated."""
-    rollout_batch_size: int = 64
-    """Sequences decoding at once (the engine's slots): a finished one's slot is refilled with the next waiting
-    completion; 0 = all of the step's at once."""
-    rollout_kv_gib: float = 0.0
-    """Cap the slots so that the engine's KV cache (prompt + max_new_tokens per slot) fits in this many GiB; 0 = no
-    cap."""
-
-    # Objective
-    beta: float = 0.0
-    """KL penalty weight; 0 loads no reference model."""
-    eps_low: float = 0.2
-    """Lower clip range: ρ ≥ 1 − eps_low."""
-    eps_high: float = 0.28
-    """Upper clip range (DAPO clip-higher): ρ ≤ 1 + eps_high."""
-    loss_type: Literal["token", "sequence", "dr_grpo"] = "token"
-    """Token aggregation: token-mean (DAPO), per-sequence mean (GRPO), or Σ / (B · max_new_tokens) (Dr.GRPO)."""
-    adv_scale: Literal["group", "batch", "none"] = "group"
-    """Divide advantages by the group's reward std, the batch's, or not at all (Dr.GRPO)."""
-    num_iterations: int = 1
-    """Optimizer updates per rollout (μ); > 1 computes real old log-probs and makes clipping matter."""
-    sampler_correction: Literal["tis", "sequence_mask", "none"] = "tis"
-    """Correct for the sampler's distribution differing from the trainer's (bf16 sampling): token-level truncated
-    importance sampling, a sequence-level mask, or none (see policy_loss)."""
-    sampler_cap: float = 2.0
-    """C of the sampler correction: the TIS weight's cap, or the mask's bounds [1/C, C]."""
-    drop_truncated: bool = False
-    """Exclude completions that hit max_new_tokens from the loss."""
-    format_weight: float = 0.0
-    """Weight of the format reward (one think block, then a boxed answer) added to accuracy."""
-
-    # Optimisation
-    lr: float = 1e-6
-    """Peak learning rate (AdamW)."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """After warmup: constant, or cosine decay to 0 at `steps`."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm."""
-    micro_batch_size: int = 8
-    """Sequences per forward/backward (memory); gradients are accumulated over the step."""
-    logprob_chunk: int = 256
-    """Completion positions per lm_head chunk in training log-probs (memory)."""
-    gradient_checkpointing: bool = False
-    """Recompute decoder layers in backward (memory)."""
-    steps: int = 1000
-    """Optimizer steps (rollouts) in total."""
-    seed: int = 0
-    """Seed for data order, sampling and initialisation."""
-
-    # Output
-    output_dir: str = "runs/grpo"
-    """Metrics, config, checkpoints."""
-    save_every: int = 50
-    """Checkpoint every N steps (and at the end)."""
-    keep_last: int = 3
-    """Checkpoints kept besides step 0 and the final one."""
-    resume: str = "auto"
-    """'auto' (latest complete checkpoint in output_dir), 'off', or a checkpoint path."""
-    wandb: Literal["disabled", "online", "offline"] = "disabled"
-    """Weights & Biases logging mode."""
-    wandb_project: str = "reasoning-grpo"
-    """Weights & Biases project."""
-    sample_every: int = 10
-    """Log a table of sample completions every N steps."""
-    device: str = "auto"
-    """'auto' (CUDA when available, else CPU), 'cuda', 'cpu'."""
-    bf16: bool = True
-    """On GPU: sample from a bf16 copy of the policy (refreshed after every optimizer step) and run the training
-    decoder body under bf16 autocast; master weights, output layer and log-probs stay fp32."""
-
-    # Held-out evaluation during training (evaluate.py): the same sampler, policy and reward as the rollouts
-    eval_every: int = 0
-    """Evaluate every N steps, at step 0 (unless resuming) and at the end; 0 = off. Needs eval_dataset."""
-    eval_dataset: str | None = None
-    """Hub id or local .json/.jsonl/.parquet file (fields auto-detected; prompts built like the training ones)."""
-    eval_split: str | None = None
-    """Split of eval_dataset; default 'test' for hub ids and the whole file for local files."""
-    eval_samples: int = 4
-    """Completions per evaluation problem (k): eval_accuracy is pass@1, their mean; eval_pass@k is logged too."""
-    eval_max_problems: int | None = None
-    """Evaluate a fixed seeded subset of this many problems (the same at every evaluation)."""
-    eval_max_new_tokens: int | None = None
-    """Completion length limit for evaluation; None = max_new_tokens."""
-
-
-PRESETS = {
-    "none": Config(),
-    # ~5 minutes on 2 CPU cores with no hub access: SmolLM2-135M-Instruct learning to box a + b.
-    "demo": Config(
-        preset="demo",
-        model=smollm2_gguf(),
-        dataset="arithmetic",
-        instruction="For example, 2 + 3 = \\boxed{5}. Put your final answer in \\boxed{}.",  # SmolLM2 boxes ~1/3
-        enable_thinking=False,
-        prompts_per_step=4,
-        group_size=4,
-        temperature=0.8,
-        max_new_tokens=32,
-        max_prompt_len=128,
-        micro_batch_size=16,
-        lr=2e-5,
-        warmup_steps=0,
-        format_weight=0.5,
-        steps=12,
-        save_every=6,
-        sample_every=4,
-        eval_every=6,  # at steps 0, 6 and 12 on 16 problems of the same generator (not held out: a + b ≤ 20 + 20)
-        eval_dataset="arithmetic",
-        eval_max_problems=16,
-        output_dir="runs/demo",
-    ),
-}
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: advantages, loss, training log-probs, update, one step
@@ -572,7 +406,7 @@ def train(cfg: Config, score_fn=None) -> Path:
         step = restore_trainer_state(resume_from, optimizer, scheduler)
         if main_rank:
             print(f"[grpo] resumed from {resume_from} at step {step}", flush=True)
-            truncate_metrics(output_dir, step)
+            truncate_logs(output_dir, step)
     save = partial(save_checkpoint, output_dir, model=model, tokenizer=tokenizer, vocab=vocab, optimizer=optimizer,
                    scheduler=scheduler, config=dataclasses.asdict(cfg), keep_last=cfg.keep_last, final_step=cfg.steps)  # fmt: skip
     saved_step = step if resume_from is not None else None  # the same on every rank (no filesystem race)
@@ -583,7 +417,8 @@ def train(cfg: Config, score_fn=None) -> Path:
     if main_rank and cfg.wandb != "disabled":
         import wandb  # only with --wandb online/offline
 
-        run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg), dir=output_dir)
+        run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg),
+                         dir=os.environ.get("WANDB_DIR") or output_dir)  # fmt: skip
     eval_len = cfg.eval_max_new_tokens or cfg.max_new_tokens
     eval_slots = slot_count(sampler, cfg.rollout_batch_size, cfg.eval_samples * len(eval_examples or []),
                             cfg.rollout_kv_gib, cfg.max_prompt_len + eval_len)  # fmt: skip
@@ -632,17 +467,6 @@ def train(cfg: Config, score_fn=None) -> Path:
     return output_dir
 
 
-def check_config(cfg: Config) -> None:
-    """Refuse inconsistent options before anything loads or is written."""
-    if cfg.prompts_per_step < 1 or cfg.group_size < 1:
-        raise ValueError("prompts_per_step and group_size must be ≥ 1")
-    if cfg.eval_every < 0 or (cfg.eval_every > 0 and not cfg.eval_dataset):
-        raise ValueError(f"eval_every={cfg.eval_every}: must be ≥ 0, and > 0 needs eval_dataset (hub id or file)")
-    if cfg.sampler_cap < 1 or cfg.rollout_kv_gib < 0 or cfg.rollout_batch_size < 0:
-        raise ValueError(f"--sampler-cap {cfg.sampler_cap} must be ≥ 1, --rollout-kv-gib {cfg.rollout_kv_gib} and "
-                         f"--rollout-batch-size {cfg.rollout_batch_size} ≥ 0")  # fmt: skip
-
-
 def load_policy(cfg: Config, resume_from: Path | None, device: th.device):
     """(model, tokenizer, reasoning vocabulary or None): from the checkpoint when resuming, else cfg.model expanded
     by cfg.reasoning_vocab_size copies."""
@@ -677,17 +501,5 @@ def lr_lambda(warmup_steps: int, schedule: str, steps: int):
     return factor
 
 
-def main(argv: list[str] | None = None) -> Config:
-    """Parse the command line (a `--preset NAME` first picks the defaults) and return the Config."""
-    argv = sys.argv[1:] if argv is None else argv
-    preset = "none"
-    if "--preset" in argv:
-        i = argv.index("--preset")
-        if i + 1 >= len(argv) or argv[i + 1] not in PRESETS:
-            raise SystemExit(f"--preset takes one of {sorted(PRESETS)}")
-        preset = argv[i + 1]
-    return tyro.cli(Config, args=argv, default=PRESETS[preset])
-
-
 if __name__ == "__main__":
-    train(main())
+    exit_on_usage_error(train, CLI_CONFIG)

@@ -10,6 +10,7 @@
 #   NPROC_PER_NODE   trainer processes per node (default: the GPUs SLURM gave the node; 1 on a node without GPUs)
 #   MODULES          modules to load first, e.g. MODULES="WebProxy cuda/12.4"
 #   MASTER_PORT      rendezvous port on the first node (default 29500 + job id % 1000)
+#   SCRIPT           the Python script every rank runs (default grpo.py; e.g. evaluate.py, or your own wrapper)
 # Run it from the repository root: the job uses that checkout and its uv environment (.venv).
 #
 # Preemption: 5 minutes before the time limit SLURM sends USR1 to this script (or you do:
@@ -74,10 +75,17 @@ node_task() {
     # torchrun's agent handles TERM/INT/HUP/QUIT but dies of USR1, and SLURM may signal every process of the step:
     # start it with USR1 ignored. The workers inherit that until grpo.py installs its handler.
     trap '' USR1
+    # What this node brings: a job that asked for GPUs but whose torch cannot use them stops in grpo.py at once.
+    python - <<'PY' || true
+import os, socket, torch
+gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+print(f"[launch] {socket.gethostname()}: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}, "
+      f"torch {torch.__version__} (CUDA {torch.version.cuda}), GPUs usable by torch: {gpus}", flush=True)
+PY
     torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$nproc" \
         --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \
         --rdzv_conf "is_host=$((SLURM_NODEID == 0))" \
-        grpo.py "$@" &
+        "${SCRIPT:-grpo.py}" "$@" &
     agent=$!
     # Hand USR1 and TERM to the workers, torchrun's children. Each checkpoints (rank 0) and exits 0, and torchrun
     # with them; a worker that already got the signal from SLURM directly just gets it twice.

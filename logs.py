@@ -4,6 +4,7 @@ Biases, and atomic JSON writes (a temporary file, then os.replace)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ def log_step(output_dir: Path, m: dict, steps: int, run) -> None:
         print(
             f"step {m['step']:>4}/{steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
             f"len {m['completion_len']:.0f} | kl {m['kl']:.4f} | ent {m['entropy']:.2f} | "
-            f"{m['rollout_s']:.1f}s+{m['update_s']:.1f}s"
+            f"rollout {m['rollout_s']:.1f}s + update {m['update_s']:.1f}s"
             + (" | SKIPPED non-finite update" if m["skipped_update"] else ""),
             flush=True,
         )
@@ -102,15 +103,24 @@ def log_samples(output_dir: Path, samples: list[dict], run) -> None:
         run.log({"samples": wandb.Table(columns=cols, data=[[s[c] for c in cols] for s in samples])}, step=samples[0]["step"])  # fmt: skip
 
 
-def truncate_metrics(output_dir: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint we resume from (written after it, before a crash), atomically."""
-    path = output_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    lines = [s for s in path.read_text().splitlines() if s.strip() and json.loads(s)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(s + "\n" for s in lines))
-    os.replace(tmp, path)
+def truncate_logs(output_dir: Path, step: int) -> None:
+    """Make the run directory's logs agree with the checkpoint resumed from: drop the lines of metrics.jsonl and
+    samples.jsonl past `step` (written after it, before a crash; a line cut short by the crash too) and the eval
+    records of later steps, atomically."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        if (path := output_dir / name).exists():
+            _write_atomic(path, "".join(s + "\n" for s in path.read_text().splitlines() if _step_of_line(s) <= step))
+    for path in (output_dir / "eval").glob("step_*.jsonl"):
+        if int(path.stem.split("_")[1]) > step:
+            path.unlink()
+
+
+def _step_of_line(line: str) -> float:
+    """A log line's step; infinity (dropped) for a blank or torn line."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch as th
 
+from config import UsageError
+
 ALL_REGULAR = -1  # `size` that copies every regular token of the tokenizer
 MAP_FILE = "reasoning_token_map.json"
 CONFIG_KEY = "reasoning_vocab"  # model.config attribute (and config.json key) holding the map
@@ -313,9 +315,10 @@ def add_reasoning_vocab(
     if tags is None:
         if nothing:
             return None
-        raise ValueError(
-            f"the reasoning vocabulary is gated by think tags ({THINK} ... {END_THINK}) and this tokenizer has none "
-            f"as single tokens ({type(tokenizer).__name__}, {len(tokenizer)} tokens); use size=0 (the baseline)"
+        raise UsageError(
+            f"--reasoning-vocab-size {size}: the reasoning vocabulary is gated by think tags ({THINK} ... {END_THINK})"
+            f" and this tokenizer has none as single tokens ({type(tokenizer).__name__}, {len(tokenizer)} tokens); "
+            "use --reasoning-vocab-size 0 (the baseline)"
         )
 
     regular = regular_token_ids(tokenizer)
@@ -333,7 +336,9 @@ def add_reasoning_vocab(
     elif 0 <= size <= len(regular):
         chosen = regular[:size]
     else:
-        raise ValueError(f"size must be ALL_REGULAR (-1) or in [0, {len(regular)}] (regular tokens), got {size}")
+        raise UsageError(
+            f"--reasoning-vocab-size {size}: must be -1 (all) or in [0, {len(regular)}] (the regular tokens)"
+        )
 
     if not chosen:
         return None

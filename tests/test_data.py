@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from config import UsageError
 from data import (
     DEFAULT_INSTRUCTION,
     Example,
@@ -152,7 +153,7 @@ def test_undetectable_schema_lists_columns_and_options(tmp_path):
     path = write(tmp_path, [{"text": "p", "label": "1"}], "jsonl")
     with pytest.raises(ValueError, match="problem field") as err:
         load_rows(path)
-    for expected in ["'text'", "'label'", "prompt_field", "answer_field"]:
+    for expected in ["'text'", "'label'", "--prompt-field", "--answer-field"]:
         assert expected in str(err.value)
     path = write(tmp_path, [{"problem": "p", "label": "1"}], "jsonl")
     with pytest.raises(ValueError, match="answer field"):
@@ -160,7 +161,7 @@ def test_undetectable_schema_lists_columns_and_options(tmp_path):
 
 
 def test_missing_file():
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="/nonexistent/data.jsonl: no such file"):
         load_rows("/nonexistent/data.jsonl")
 
 
@@ -186,7 +187,7 @@ def test_numeric_answers_become_strings(tmp_path):
 def test_bad_row_error_names_row_and_field(tmp_path, bad_row, field):
     rows = [{"problem": "ok", "answer": "1"}, bad_row, {"problem": "ok2", "answer": "2"}]
     path = write(tmp_path, rows, "json")
-    with pytest.raises(ValueError, match=rf"row 1: field '{field}'.*skip_bad_rows"):
+    with pytest.raises(ValueError, match=rf"row 1: field '{field}'.*--skip-bad-rows"):
         load_rows(path)
 
 
@@ -288,7 +289,7 @@ def test_long_prompts_dropped_and_counted(tiny_tokenizer, caplog):
     with caplog.at_level(logging.INFO, logger="data"):
         out = build_examples(rows, tiny_tokenizer, max_prompt_len=short_len)
     assert [e.index for e in out] == [0]
-    assert f"dropped 1 of 2 prompts longer than max_prompt_len={short_len}" in caplog.text
+    assert f"dropped 1 of 2 prompts longer than --max-prompt-len {short_len} tokens" in caplog.text
     with pytest.raises(ValueError, match="no prompts left"):
         build_examples(rows, tiny_tokenizer, max_prompt_len=short_len - 1)
 
@@ -317,7 +318,7 @@ def test_load_examples_max_samples(tmp_path, tiny_tokenizer):
     assert load_examples(path, tiny_tokenizer, max_samples=10, seed=1) == a
     assert {e.index for e in load_examples(path, tiny_tokenizer, max_samples=10, seed=2)} != {e.index for e in a}
     assert len(load_examples(path, tiny_tokenizer, max_samples=1000)) == 50
-    with pytest.raises(ValueError, match="max_samples"):
+    with pytest.raises(ValueError, match="--max-samples"):
         load_examples(path, tiny_tokenizer, max_samples=0)
 
 
@@ -364,7 +365,7 @@ def test_prompt_batch_errors():
     examples = fake_examples(10)
     with pytest.raises(ValueError, match="divisible"):
         prompt_batch(examples, 0, 6, world_size=4)
-    with pytest.raises(ValueError, match="one batch"):
+    with pytest.raises(ValueError, match="usable problems"):
         prompt_batch(examples, 0, 12)
     with pytest.raises(ValueError, match="rank"):
         prompt_batch(examples, 0, 4, rank=2, world_size=2)

@@ -244,5 +244,5 @@ def test_training_evaluates_at_start_every_n_steps_and_at_the_end(tmp_path, tiny
 
 
 def test_eval_every_needs_a_dataset(tmp_path, tiny_model_dir):
-    with pytest.raises(ValueError, match="eval_dataset"):
+    with pytest.raises(ValueError, match="--eval-every 1: must be 0 without --eval-dataset"):
         grpo.train(run_cfg(tiny_model_dir, tmp_path / "run", eval_every=1))

@@ -14,7 +14,8 @@ import checkpoints
 import grpo
 import policy
 import rollout
-from grpo import Config, group_advantages, policy_loss
+from config import Config, parse_args
+from grpo import group_advantages, policy_loss
 from policy import LogitAdjust
 from tests.conftest import tiny_model, weights_of
 
@@ -428,10 +429,10 @@ def test_resume_off_starts_over(tmp_path, tiny_model_dir):
 
 
 def test_cli_parses_lr_and_presets():
-    assert grpo.main(["--lr", "3e-6"]).lr == 3e-6
-    demo = grpo.main(["--preset", "demo", "--steps", "3"])
+    assert parse_args(["--lr", "3e-6"]).lr == 3e-6
+    demo = parse_args(["--preset", "demo", "--steps", "3"])
     assert demo.steps == 3 and demo.dataset == "arithmetic" and demo.model.endswith(".gguf")
-    assert grpo.main([]) == Config()
+    assert parse_args([]) == Config()
 
 
 def test_help_lists_every_field():

@@ -1,8 +1,10 @@
-"""launch.sh on a real SLURM: a tiny CPU run completes, and a preempted run checkpoints, requeues itself and resumes.
+"""launch.sh on a real SLURM: a tiny CPU run completes, a preempted run checkpoints, requeues itself and resumes, and
+(multinode) a job over two nodes trains exactly like one process and survives preemption too.
 
-Needs a running cluster (`../shared/tools/slurm-up.sh`, see its SLURM.md; `.ci/run` brings one up); skips when
-`sbatch` is absent or no controller answers. Each job runs from the repository root (launch.sh uses its .venv) with
-2 trainer processes (gloo) on one CPU-only node: no GPU is requested and each job takes 2 CPUs.
+Needs a running cluster (`../shared/tools/slurm-up.sh`, see its SLURM.md; `.ci/run` brings up two nodes with
+SLURM_NODES=2); skips when `sbatch` is absent or no controller answers, and the multinode tests skip with fewer than
+two nodes. Each job runs from the repository root (launch.sh uses its .venv): 2 trainer processes (gloo) on one
+CPU-only node, or one per node on two nodes (each its own network namespace and hostname); no GPU is requested.
 """
 
 import json
@@ -10,12 +12,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import checkpoints
+from tests.conftest import weights_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,12 +42,36 @@ def tiny_args(model_dir: Path, out: Path, **kw) -> list[str]:
     return [s for k, v in args.items() for s in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def submit(log: Path, grpo_args: list[str], wait: bool, timeout: float) -> subprocess.Popen:
-    """`sbatch [--wait] launch.sh ARGS` from the repository root, 2 trainer processes; prints the job id."""
-    env = {k: v for k, v in os.environ.items() if k != "OUTPUT_DIR"} | {"NPROC_PER_NODE": "2"}
+def submit(log: Path, grpo_args: list[str], wait: bool, timeout: float, nodes: int = 1, **env) -> subprocess.Popen:
+    """`sbatch [--wait] -N nodes launch.sh ARGS` from the repository root: 2 trainer processes on one node, or one per
+    node on several; `env` is added to the job's environment. Prints the job id."""
+    env = {k: v for k, v in os.environ.items() if k != "OUTPUT_DIR"} | {"NPROC_PER_NODE": str(2 // nodes or 1)} | env
     # `timeout`: sbatch --wait polls forever if the controller dies.
-    cmd = ["timeout", str(timeout), *SBATCH, *(["--wait"] if wait else []), f"--output={log}", "launch.sh"]
-    return subprocess.Popen([*cmd, *grpo_args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    cmd = ["timeout", str(timeout), *SBATCH, f"--nodes={nodes}", *(["--wait"] if wait else []), f"--output={log}"]
+    return subprocess.Popen([*cmd, "launch.sh", *grpo_args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def idle_nodes() -> int:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True).stdout.split("\n")
+    return len({line.split()[0] for line in out if line.strip() and line.split()[1] in ("idle", "mix", "alloc")})
+
+
+multinode = pytest.mark.skipif(
+    shutil.which("sinfo") is None or idle_nodes() < 2,
+    reason="needs a SLURM cluster of two nodes (SLURM_NODES=2 ../shared/tools/slurm-up.sh)",
+)
+
+# The trainer's command line with a toy reward (the letter "e"): a random tiny model earns it about half the time, so
+# every step has a learning signal and the multi-node and one-process updates can be compared.
+TOY_SCRIPT = """
+import config, grpo
+
+def letter_e(completions, answers):
+    hits = [float("e" in c) for c in completions]
+    return hits, hits
+
+grpo.train(config.cli_config(), score_fn=letter_e)
+"""
 
 
 def job_id_of(proc: subprocess.Popen) -> str:
@@ -119,12 +147,51 @@ def test_sbatch_runs_ddp_to_completion(tmp_path, tiny_model_dir):
         subprocess.run(["scancel", job], capture_output=True)
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, tiny_model_dir):
+@multinode
+def test_multinode_job_trains_like_one_process(tmp_path, tiny_model_dir):
+    """sbatch -N 2, one trainer per node (rendezvous and gloo across two network stacks): the same metrics and final
+    weights as one process on the same global batch, within test_ddp's tolerance."""
+    script = tmp_path / "train_toy.py"
+    script.write_text(TOY_SCRIPT)
+    args = tiny_args(tiny_model_dir, tmp_path / "two", prompts_per_step=4, group_size=3, max_new_tokens=8, steps=2,
+                     save_every=0, rollout_batch_size=0, temperature=1.0, lr=1e-4, warmup_steps=0)  # fmt: skip
+    log = tmp_path / "slurm.log"
+    proc = submit(log, args, wait=True, timeout=200, nodes=2, SCRIPT=str(script), PYTHONPATH=str(ROOT))
+    job = job_id_of(proc)
+    try:
+        rc = proc.wait(timeout=210)
+        text = log.read_text()
+        assert rc == 0, text
+        assert final_state(job) == "COMPLETED"
+        assert "2 rank(s)" in text
+        assert {"node1", "node2"} <= set(re.findall(r"\[launch\] (node\d+): CUDA_VISIBLE_DEVICES", text)), text
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    one = [a if a != str(tmp_path / "two") else str(tmp_path / "one") for a in args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run([sys.executable, str(script), *one], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+
+    w1 = weights_of(checkpoints.checkpoint_dirs(tmp_path / "one")[-1])
+    w2 = weights_of(checkpoints.checkpoint_dirs(tmp_path / "two")[-1])
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-6  # as test_ddp: far above fp32 order noise
+    m1 = [json.loads(s) for s in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in m2] == [1, 2]
+    for a, b in zip(m1, m2, strict=True):
+        for k in ("reward", "reward_std", "completion_len", "loss", "entropy", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    assert any(m["reward_std"] > 0 for m in m1)  # the steps had a learning signal
+
+
+@pytest.mark.parametrize("nodes", [pytest.param(1, id="one-node"), pytest.param(2, id="multinode", marks=multinode)])
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, tiny_model_dir, nodes):
     out, log = tmp_path / "run", tmp_path / "slurm.log"
     steps = 40
     # Steps slow enough (longer completions, ~0.2 s) to signal mid-run; checkpoints at step 0, on preemption, at the end.
     args = tiny_args(tiny_model_dir, out, steps=steps, save_every=1000, max_new_tokens=96)
-    proc = submit(log, args, wait=True, timeout=200)
+    proc = submit(log, args, wait=True, timeout=200, nodes=nodes)
     job = job_id_of(proc)
     try:
         wait_until(lambda: len(metric_steps(out)) >= 2, 120, "two training steps", log)

