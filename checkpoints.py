@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 import vocab as rvocab
 from config import UsageError, check_model_source
 from distributed import barrier, world
+from logs import write_json
 
 
 def load_model_and_tokenizer(path: str, device: th.device, option: str = "model"):
@@ -77,20 +78,22 @@ def step_of(checkpoint_dir: Path) -> int:
 
 def save_checkpoint(
     output_dir: Path, step: int, model, tokenizer, vocab, optimizer, scheduler, *, config: dict, keep_last: int,
-    final_step: int,
+    final_step: int, usage: th.Tensor | None = None,
 ) -> Path:  # fmt: skip
     """Write the checkpoint to a temporary directory, then rename it into place; keep step 0, `final_step` and the
-    last `keep_last` checkpoints. `config` (the run's options) goes to trainer_config.json. Under torchrun rank 0
-    writes and every rank waits for it."""
+    last `keep_last` checkpoints. `config` (the run's options) goes to trainer_config.json; `usage`, the per-copy
+    sample counts of a reasoning vocabulary, to trainer_state.pt and <output_dir>/reasoning_usage.json (for
+    plots.py). Under torchrun rank 0 writes and every rank waits for it."""
     if world()[0] == 0:
         _write_checkpoint(
-            output_dir, step, model, tokenizer, vocab, optimizer, scheduler, config, keep_last, final_step
+            output_dir, step, model, tokenizer, vocab, optimizer, scheduler, config, keep_last, final_step, usage
         )
     barrier()
     return output_dir / "checkpoints" / f"step_{step:06d}"
 
 
-def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, scheduler, config, keep_last, final_step):
+def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, scheduler, config, keep_last, final_step,
+                      usage):  # fmt: skip
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final_dir = root / f"step_{step:06d}"
@@ -113,6 +116,8 @@ def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, sche
     }
     if th.cuda.is_available():
         state["rng"]["cuda"] = th.cuda.get_rng_state_all()
+    if usage is not None:
+        state["reasoning_usage"] = usage.clone()
     th.save(state, tmp / "trainer_state.pt")
     if final_dir.exists() and (problem := checkpoint_problem(final_dir)):  # a damaged one is kept, renamed aside
         aside = root / f"damaged_{final_dir.name}_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -120,6 +125,9 @@ def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, sche
         print(f"[checkpoint] {final_dir} was damaged ({problem}): moved to {aside}", file=sys.stderr, flush=True)
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp, final_dir)
+    if usage is not None:  # sparse: copy index → times sampled, up to this step
+        counts = {str(i): int(usage[i]) for i in usage.nonzero().flatten().tolist()}
+        write_json(output_dir / "reasoning_usage.json", {"step": step, "copies": len(usage), "counts": counts})
 
     done = checkpoint_dirs(output_dir)
     recent = set(done[-keep_last:]) if keep_last > 0 else set()
@@ -193,12 +201,14 @@ def find_resume(resume: str, output_dir: Path) -> Path | None:
     return None
 
 
-def restore_trainer_state(checkpoint_dir: Path, optimizer, scheduler) -> int:
+def restore_trainer_state(checkpoint_dir: Path, optimizer, scheduler, usage: th.Tensor | None = None) -> int:
     """Load the optimizer, scheduler and RNG states saved with a checkpoint (plain data only: weights_only, so a
-    state file cannot run code); returns its step."""
+    state file cannot run code), and into `usage` the per-copy sample counts if it has them; returns its step."""
     state = th.load(checkpoint_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     th.set_rng_state(state["rng"]["torch"])
+    if usage is not None and "reasoning_usage" in state:
+        usage.copy_(state["reasoning_usage"])
     return state["step"]

@@ -114,6 +114,20 @@ class Config:
     """C of the sampler correction: the TIS weight's cap, or the mask's bounds [1/C, C]."""
     drop_truncated: bool = False
     """Exclude completions that hit max_new_tokens from the loss."""
+    overlong_buffer: int = 0
+    """Soft overlong punishment (DAPO): a reward penalty rising linearly to --overlong-penalty over the last N tokens
+    before max_new_tokens (see grpo.overlong_penalty); 0 = off."""
+    overlong_penalty: float = 1.0
+    """The overlong penalty at max_new_tokens."""
+    skip_uniform_groups: bool = False
+    """Leave groups whose rewards are all equal (A = 0, no learning signal) out of the loss and its normaliser (DAPO)."""
+    resample_rounds: int = 0
+    """Dynamic sampling (DAPO): while fewer than --prompts-per-step groups (over all ranks) are informative, sample up
+    to this many further batches of prompts; the step trains on every informative group drawn. Implies
+    --skip-uniform-groups."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token (PPO/GRPO) or one per completion, length-normalised and clipped per sequence (GSPO;
+    its paper clips at --eps-low 3e-4 --eps-high 4e-4). See grpo.policy_loss."""
     format_weight: float = 0.0
     """Weight of the format reward (one think block, then a boxed answer) added to accuracy."""
 
@@ -285,6 +299,9 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         ("num_iterations", cfg.num_iterations >= 1, "≥ 1"),
         ("sampler_cap", cfg.sampler_cap >= 1, "≥ 1"),
         ("format_weight", cfg.format_weight >= 0, "≥ 0"),
+        ("overlong_buffer", 0 <= cfg.overlong_buffer <= cfg.max_new_tokens, "in [0, --max-new-tokens]"),
+        ("overlong_penalty", cfg.overlong_penalty >= 0, "≥ 0"),
+        ("resample_rounds", cfg.resample_rounds >= 0, "≥ 0"),
         ("lr", cfg.lr >= 0, "≥ 0"),
         ("warmup_steps", cfg.warmup_steps >= 0, "≥ 0"),
         ("weight_decay", cfg.weight_decay >= 0, "≥ 0"),
@@ -348,7 +365,7 @@ def check_model_source(name: str, value: str) -> None:
 
 def check_dataset_source(name: str, value: str) -> None:
     """A dataset option is 'arithmetic', an existing .json/.jsonl/.parquet file, or a hub id (with :config)."""
-    if value == "arithmetic":
+    if re.fullmatch(r"arithmetic(:\d+)?", value):
         return
     path = Path(value).expanduser()
     if path.suffix in (".json", ".jsonl", ".parquet"):

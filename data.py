@@ -1,7 +1,7 @@
 """Math datasets to chat-templated prompts, and the deterministic per-step prompt batches GRPO trains on.
 
-Pipeline: `load_rows` reads a dataset (a HF hub id, a local .json/.jsonl/.parquet file, or "arithmetic", the
-synthetic data of the offline demo) into `{"problem", "answer", "index"}` rows, detecting the problem and answer
+Pipeline: `load_rows` reads a dataset (a HF hub id, a local .json/.jsonl/.parquet file, or "arithmetic[:N]", the
+synthetic data of the offline demo, operands 0 … N, with disjoint "train" and "test" splits) into `{"problem", "answer", "index"}` rows, detecting the problem and answer
 fields of the common math-RL formats:
 
 | format                          | problem field                     | answer field                                         |
@@ -52,19 +52,33 @@ class _BadRow(ValueError):
     """A row whose problem or answer is unusable (the message names the field)."""
 
 
-def arithmetic_rows(n: int = 2000, seed: int = 0, max_operand: int = 20) -> list[dict]:
-    """Synthetic "What is a + b?" / "What is a - b?" problems with exact integer answers (never negative)."""
+def arithmetic_rows(n: int = 2000, seed: int = 0, max_operand: int = 20, split: str | None = None) -> list[dict]:
+    """Synthetic "What is a + b?" / "What is a - b?" problems with exact integer answers (never negative), operands
+    in [0, max_operand]. split None: n random problems; "train": n random problems outside the test split; "test":
+    every problem of the held-out split (about 1 in 5, fixed by `held_out`), once each, in order."""
+    if split == "test":
+        problems = [(a, "+", b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+        problems += [(a, "-", b) for a in range(max_operand + 1) for b in range(a + 1)]
+        held = [(a, op, b) for a, op, b in problems if held_out(a, op, b)]
+        return [{"problem": f"What is {a} {op} {b}?", "answer": str(a + b if op == "+" else a - b), "index": i}
+                for i, (a, op, b) in enumerate(held)]  # fmt: skip
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    while len(rows) < n:
         a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        if rng.random() < 0.5:
-            problem, answer = f"What is {a} + {b}?", a + b
-        else:
+        op = "+" if rng.random() < 0.5 else "-"
+        if op == "-":
             a, b = max(a, b), min(a, b)
-            problem, answer = f"What is {a} - {b}?", a - b
-        rows.append({"problem": problem, "answer": str(answer), "index": i})
+        if split == "train" and held_out(a, op, b):
+            continue
+        answer = a + b if op == "+" else a - b
+        rows.append({"problem": f"What is {a} {op} {b}?", "answer": str(answer), "index": len(rows)})
     return rows
+
+
+def held_out(a: int, op: str, b: int) -> bool:
+    """Whether the problem a op b belongs to the arithmetic test split (a fixed hash: about 1 problem in 5)."""
+    return (7 * a + 13 * b + (3 if op == "-" else 0)) % 5 == 0
 
 
 def _load_dataset(source: str, split: str, skip_bad_rows: bool) -> tuple[list[dict] | Any, list[str], int]:
@@ -208,8 +222,9 @@ def load_rows(
     not a string or number) raises a UsageError naming the row and field, or with `skip_bad_rows` is skipped and
     counted in a log line.
     """
-    if source == "arithmetic":
-        return arithmetic_rows()
+    if source == "arithmetic" or source.startswith("arithmetic:"):  # "arithmetic:9": operands 0 … 9
+        max_operand = int(source.partition(":")[2] or 20)
+        return arithmetic_rows(max_operand=max_operand, split=split if split in ("train", "test") else None)
     ds, columns, skipped_lines = _load_dataset(source, split, skip_bad_rows)
     if not columns:
         raise UsageError(f"{source}: no rows")
@@ -329,12 +344,21 @@ def load_examples(
 
 
 def prompt_batch(
-    examples: list[Example], step: int, prompts_per_step: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    examples: list[Example],
+    step: int,
+    prompts_per_step: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    round_: int = 0,
 ) -> list[Example]:
     """This rank's prompts for `step`: global batch `step` of a per-epoch seeded shuffle, split as batch[rank::world_size].
 
     Each epoch is a fresh permutation seeded by (seed, epoch); the last partial batch of an epoch is dropped. Ranks get
     disjoint prompts that together make the global batch, and the step alone fixes the position (resume = same step).
+    round_ k > 0 (dynamic sampling's further batches) reads the same position in a shuffle of its own, seeded by
+    (seed, epoch, k).
     """
     if prompts_per_step <= 0 or step < 0:
         raise ValueError(f"need prompts_per_step > 0 and step >= 0, got {prompts_per_step} and {step}")
@@ -346,6 +370,9 @@ def prompt_batch(
     if batches_per_epoch == 0:
         raise UsageError(f"--prompts-per-step {prompts_per_step}: more than the {len(examples)} usable problems")
     epoch, i = divmod(step, batches_per_epoch)
-    perm = th.randperm(len(examples), generator=th.Generator().manual_seed(seed * 1_000_003 + epoch))  # (N,)
+    perm_seed = seed * 1_000_003 + epoch
+    if round_:
+        perm_seed = perm_seed * 1_009 + round_
+    perm = th.randperm(len(examples), generator=th.Generator().manual_seed(perm_seed))  # (N,)
     batch = perm[i * prompts_per_step : (i + 1) * prompts_per_step].tolist()
     return [examples[j] for j in batch[rank::world_size]]

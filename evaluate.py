@@ -223,8 +223,9 @@ def dataset_name(source: str) -> str:
 
 
 def default_split(source: str) -> str:
-    """'test' for a hub id; a local file is one split, which datasets calls 'train' (so is 'arithmetic')."""
-    return "train" if Path(source).suffix in LOCAL_SUFFIXES or source == "arithmetic" else "test"
+    """'test' for a hub id and for 'arithmetic' (its held-out problems); a local file is one split, which datasets
+    calls 'train'."""
+    return "train" if Path(source).suffix in LOCAL_SUFFIXES else "test"
 
 
 def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:

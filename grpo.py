@@ -33,6 +33,7 @@ from functools import partial
 from pathlib import Path
 
 import torch as th
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import data
@@ -59,9 +60,18 @@ from distributed import (
     world,
 )
 from engine import slot_count
-from logs import log_samples, log_step, sample_records, step_metrics, truncate_logs
-from policy import LogitAdjust, lm_head_fp32, model_adjust
-from rollout import Rollout, copy_weights, positions, reward_texts, rollout, sample_seed, sampling_copy
+from logs import copy_usage, log_samples, log_step, sample_records, step_metrics, truncate_logs
+from policy import CLASSES, LogitAdjust, lm_head_fp32, model_adjust, token_classes
+from rollout import (
+    Rollout,
+    concat_rollouts,
+    copy_weights,
+    positions,
+    reward_texts,
+    rollout,
+    sample_seed,
+    sampling_copy,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: advantages, loss, training log-probs, update, one step
@@ -88,6 +98,26 @@ def group_advantages(rewards: th.Tensor, group_size: int, scale: str = "group", 
     return centered.view(-1)
 
 
+def uniform_groups(rewards: th.Tensor, group_size: int) -> th.Tensor:
+    """(num_prompts,) bool: the groups whose rewards are all equal (A = 0 for each of their samples). DAPO's dynamic
+    sampling leaves them out of the loss and its normaliser, where they would only dilute the step."""
+    r = rewards.view(-1, group_size)
+    return r.max(-1).values == r.min(-1).values
+
+
+def overlong_penalty(lengths: th.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> th.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward of completions (B,) of `lengths`
+    tokens, with L_max = max_len, L_buf = buffer and p = penalty:
+
+        R_len(|o|) = 0                                  |o| ≤ L_max − L_buf
+                   = −p · (|o| − (L_max − L_buf)) / L_buf   L_max − L_buf < |o| ≤ L_max    (−p when truncated)
+
+    buffer = 0 is off (zeros)."""
+    if buffer == 0:
+        return th.zeros(lengths.shape, device=lengths.device)
+    return -penalty * ((lengths.float() - (max_len - buffer)) / buffer).clamp(0.0, 1.0)
+
+
 def policy_loss(
     logp: th.Tensor,
     old_logp: th.Tensor,
@@ -105,12 +135,19 @@ def policy_loss(
     sampler_logp: th.Tensor | None = None,
     correction: str = "none",
     cap: float = 2.0,
-) -> tuple[th.Tensor, dict[str, float]]:
+    ratio_level: str = "token",
+    classes: th.Tensor | None = None,
+    num_classes: int = 3,
+) -> tuple[th.Tensor, dict]:
     """Clipped policy-gradient loss with optional KL to a reference policy, optionally corrected for the sampler.
 
         ρ_t  = exp(log π_θ(o_t) − log π_old(o_t))
         ℓ_t  = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A) + β · KL_t
         KL_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1          (k3 estimator, ≥ 0)
+
+    ratio_level "sequence" (GSPO, Zheng et al. 2025) replaces ρ_t by one ratio per completion i, the geometric mean
+    of its token ratios, so clipping keeps or drops a whole completion:
+        s_i  = exp( Σ_t m_it (log π_θ(o_it) − log π_old(o_it)) / Σ_t m_it )
 
     The tokens were drawn from the sampler's π_s (the engine's bf16 copy), not exactly from π_old. With
     δ_t = log π_old(o_t) − log π_s(o_t) (sampler_logp = log π_s), the policy-gradient term of each ℓ_t (not the KL
@@ -127,10 +164,17 @@ def policy_loss(
         "dr_grpo"  (Dr.GRPO)  L = Σ_it m_it ℓ_it / (N_seq · L_max)          L_max = max_len (default T)
     Pass the whole step's N_tok / N_seq when the step runs as micro-batches (or ranks): the gradient is then the same.
 
-    Shapes: logp, old_logp, ref_logp, mask (B, T); advantages (B,). Returns the loss and detached statistics."""
+    Shapes: logp, old_logp, ref_logp, mask (B, T); advantages (B,). Returns the loss and detached statistics; with
+    `classes` (B, T) in [0, num_classes) also stats["by_class"], (num_classes, 4) sums over each class's tokens of
+    [1, low clip, high clip, ρ] (the reasoning-vocabulary diagnostics)."""
     B, T = logp.shape
     mask = mask.to(logp.dtype)
-    ratio = (logp - old_logp).exp()
+    log_ratio = logp - old_logp  # (B, T)
+    if ratio_level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    elif ratio_level != "token":
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
+    ratio = log_ratio.exp()  # (B, T) or (B, 1)
     A = advantages[:, None].to(logp.dtype)
     clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
     per_token = -th.min(ratio * A, clipped_ratio * A)
@@ -157,12 +201,16 @@ def policy_loss(
 
     with th.no_grad():
         n = mask.sum().clamp(min=1)
+        low, high = ((ratio < 1 - eps_low) & (A < 0)) * mask, ((ratio > 1 + eps_high) & (A > 0)) * mask  # (B, T)
         stats = {
-            "clip_frac_low": float((((ratio < 1 - eps_low) & (A < 0)) * mask).sum() / n),
-            "clip_frac_high": float((((ratio > 1 + eps_high) & (A > 0)) * mask).sum() / n),
+            "clip_frac_low": float(low.sum() / n),
+            "clip_frac_high": float(high.sum() / n),
             "ratio": float((ratio * mask).sum() / n),
             "kl": float((kl * mask).sum() / n) if kl is not None else 0.0,
         }
+        if classes is not None:
+            counted = th.stack([mask, low, high, ratio * mask], -1)  # (B, T, 4)
+            stats["by_class"] = th.einsum("btk,btf->kf", F.one_hot(classes, num_classes).to(mask.dtype), counted)
         if sampler_logp is not None:  # how far the sampler is from the trainer: k3 estimate of KL(π_s ‖ π_old)
             d = old_logp.detach() - sampler_logp
             stats["sampler_kl"] = float(((d.exp() - d - 1) * mask).sum() / n)
@@ -266,22 +314,28 @@ def update(
     micro_batch_size: int,
     sampler_correction: str = "none",
     sampler_cap: float = 2.0,
+    ratio_level: str = "token",
     logprob_chunk: int = 256,
     max_grad_norm: float = 1.0,
     autocast: bool = False,
-) -> dict[str, float]:
+    classes: th.Tensor | None = None,
+) -> dict:
     """One optimizer step: gradients accumulated over micro-batches (and summed over ranks), with the loss normalised
-    by the token and sequence counts of the whole step on all ranks, so the update equals one process's on the
-    global batch. eps_low, eps_high, beta, loss_type and max_len are `policy_loss`'s; the sampler correction weighs
-    by the rollout's own log-probs (r.logp, the sampler's).
+    by the token and sequence counts of the whole step on all ranks (a row without a loss token counts in neither),
+    so the update equals one process's on the global batch. eps_low, eps_high, beta, loss_type, max_len and
+    ratio_level are `policy_loss`'s; the sampler correction weighs by the rollout's own log-probs (r.logp, the
+    sampler's). With `classes` (B, T) (policy.token_classes) the result has "by_class", policy_loss's sums over the
+    whole step.
 
     old_logp None means one update per rollout: π_old is the detached current policy (ρ = 1 in value)."""
     device = r.completion_ids.device
-    num_tokens, num_sequences = all_reduce_sum(th.tensor([loss_mask.sum(), loss_mask.shape[0]], device=device))
+    counts = th.tensor([loss_mask.sum(), (loss_mask.sum(-1) > 0).sum()], device=device)
+    num_tokens, num_sequences = all_reduce_sum(counts)
     num_tokens, num_sequences = max(float(num_tokens), 1.0), float(num_sequences)
     optimizer.zero_grad(set_to_none=True)
     totals = th.zeros(1 + len(STAT_KEYS), device=device)  # loss, then STAT_KEYS (token-weighted sums)
     dlogp_max = th.zeros(1, device=device)
+    by_class = th.zeros(len(CLASSES), 4, device=device)
     for rows in micro_batches(r.completion_ids.shape[0], micro_batch_size):
         p, pm, c, cm, start, T = trim(r, rows)
         with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
@@ -291,23 +345,27 @@ def update(
         loss, stats = policy_loss(logp, old, ref, advantages[rows], loss_mask[rows, :T], eps_low=eps_low,
                                   eps_high=eps_high, beta=beta, loss_type=loss_type, num_tokens=num_tokens,
                                   num_sequences=num_sequences, max_len=max_len, sampler_logp=r.logp[rows, :T],
-                                  correction=sampler_correction, cap=sampler_cap)  # fmt: skip
+                                  correction=sampler_correction, cap=sampler_cap, ratio_level=ratio_level,
+                                  classes=classes[rows, :T] if classes is not None else None)  # fmt: skip
         if loss.requires_grad:  # False only when the micro-batch has no completion token at all
             loss.backward()
         weight = float(loss_mask[rows].sum()) / num_tokens
         totals += th.tensor([loss.item(), *(stats[k] * weight for k in STAT_KEYS)], device=device)
         dlogp_max = dlogp_max.clamp(min=stats["sampler_dlogp_max"])
+        if classes is not None:
+            by_class += stats["by_class"]
     params = [q for q in model.parameters() if q.requires_grad]
     all_reduce_grads(params)
     totals = all_reduce_sum(totals)
     dlogp_max = all_reduce_max(dlogp_max)
+    by_class = all_reduce_sum(by_class) if classes is not None else None
     grad_norm = float(th.nn.utils.clip_grad_norm_(params, max_grad_norm))
     skipped = not math.isfinite(grad_norm)  # the same on every rank: the gradients are already summed
     if skipped:  # a NaN/inf never reaches the weights
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
-    return {"loss": float(totals[0]), "grad_norm": grad_norm, "skipped": float(skipped),
+    return {"loss": float(totals[0]), "grad_norm": grad_norm, "skipped": float(skipped), "by_class": by_class,
             "sampler_dlogp_max": float(dlogp_max), **{k: float(v) for k, v in zip(STAT_KEYS, totals[1:], strict=True)}}  # fmt: skip
 
 
@@ -315,36 +373,42 @@ def update_options(cfg: Config) -> dict:
     """The run's options that `update` takes (the loss's, micro-batching, clipping)."""
     return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
                 max_len=cfg.max_new_tokens, micro_batch_size=cfg.micro_batch_size,
-                sampler_correction=cfg.sampler_correction, sampler_cap=cfg.sampler_cap, logprob_chunk=cfg.logprob_chunk,
-                max_grad_norm=cfg.max_grad_norm)  # fmt: skip
+                sampler_correction=cfg.sampler_correction, sampler_cap=cfg.sampler_cap, ratio_level=cfg.ratio_level,
+                logprob_chunk=cfg.logprob_chunk, max_grad_norm=cfg.max_grad_norm)  # fmt: skip
 
 
 def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adjust: LogitAdjust,
-              batch: list[data.Example], step: int, score_fn, autocast: bool) -> dict | None:  # fmt: skip
+              batch: list[data.Example], step: int, score_fn, autocast: bool, more_prompts=None) -> dict | None:  # fmt: skip
     """One GRPO step on this rank's `batch` of prompts: rollout → reward → advantages → μ updates. `sampler` is the
-    model the rollout decodes with (`model` itself, or its bf16 copy, refreshed here after the update). Returns the
-    rollout, rewards, accuracies, update statistics and timings; None if preempted during the rollout (the weights
-    are then still those of the last completed step)."""
+    model the rollout decodes with (`model` itself, or its bf16 copy, refreshed here after the update);
+    more_prompts(round_=k) is this rank's k-th further batch for dynamic sampling (--resample-rounds). Returns the rollout,
+    prompts, rewards, advantages, accuracies, update statistics and timings; None if preempted during the rollout
+    (the weights are then still those of the last completed step)."""
     t0 = time.perf_counter()
     G = cfg.group_size
-    # 1. Rollout: G samples per prompt from the current policy, each with its own seed (see rollout.sample_seed).
-    prompts = [ex.prompt_ids for ex in batch for _ in range(G)]
-    seeds = [sample_seed(cfg.seed, step, ex.index, j) for ex in batch for j in range(G)]
-    r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
-                slots=slot_count(sampler, cfg.rollout_batch_size, len(prompts), cfg.rollout_kv_gib,
-                                 cfg.max_prompt_len + cfg.max_new_tokens), head=model.get_output_embeddings(),
-                should_stop=stop_requested, progress_every=30.0 if world()[0] == 0 else 0.0)  # fmt: skip
-    if preempted():
+    # 1–2. Rollout and rewards; dynamic sampling draws further prompts while too few groups (all ranks) are informative.
+    scored = rollout_and_score(cfg, sampler, model, tokenizer, adjust, batch, step, score_fn)
+    rounds = 0
+    while scored is not None and rounds < cfg.resample_rounds:
+        informative = all_reduce_sum((~uniform_groups(scored[1], G)).sum().reshape(1).float())
+        if informative.item() >= cfg.prompts_per_step:
+            break
+        rounds += 1
+        extra = more_prompts(round_=rounds)
+        more = rollout_and_score(cfg, sampler, model, tokenizer, adjust, extra, step, score_fn, rounds)
+        batch, scored = batch + extra, None if more is None else (
+            concat_rollouts([scored[0], more[0]], tokenizer.pad_token_id), th.cat([scored[1], more[1]]),
+            scored[2] + more[2])  # fmt: skip
+    if scored is None:
         return None
-
-    # 2. Rewards and group-relative advantages (a prompt's whole group is on this rank).
-    answers = [ex.answer for ex in batch for _ in range(G)]
-    rewards, accuracy = score_fn(reward_texts(r.texts, r.opened_think), answers)
-    rewards = th.tensor(rewards, dtype=th.float32, device=r.completion_ids.device)
+    r, rewards, accuracy = scored
     advantages = group_advantages(rewards, G, cfg.adv_scale)
     loss_mask = r.completion_mask.clone()
     if cfg.drop_truncated:
         loss_mask[r.truncated] = 0
+    if cfg.skip_uniform_groups or cfg.resample_rounds:
+        loss_mask[uniform_groups(rewards, G).repeat_interleave(G)] = 0
+    classes = token_classes(r.completion_ids, r.start_inside, adjust)  # (B, T) | None: the diagnostics' classes
     t1 = time.perf_counter()
 
     # 3. Policy update(s): μ = num_iterations steps on this rollout against fixed old/reference log-probs.
@@ -356,11 +420,36 @@ def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adju
         ref_logp = batched_logprobs(ref_model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk, autocast)
     for _ in range(cfg.num_iterations):
         stats = update(model, optimizer, r, advantages, adjust, loss_mask=loss_mask, old_logp=old_logp,
-                       ref_logp=ref_logp, autocast=autocast, **update_options(cfg))  # fmt: skip
+                       ref_logp=ref_logp, autocast=autocast, classes=classes, **update_options(cfg))  # fmt: skip
     if sampler is not model:
         copy_weights(sampler, model)
-    return {"rollout": r, "answers": answers, "rewards": rewards, "accuracy": accuracy, "stats": stats,
+    return {"rollout": r, "batch": batch, "answers": [ex.answer for ex in batch for _ in range(G)],
+            "rewards": rewards, "advantages": advantages, "accuracy": accuracy, "stats": stats,
+            "classes": classes, "loss_mask": loss_mask, "resample_rounds": rounds,
             "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1, "t0": t0}  # fmt: skip
+
+
+def rollout_and_score(cfg: Config, sampler, model, tokenizer, adjust: LogitAdjust, batch: list[data.Example],
+                      step: int, score_fn, round_: int = 0):  # fmt: skip
+    """G completions of each prompt in `batch` from the current policy and their rewards (the verifier's plus the
+    overlong penalty): (rollout, rewards (B,), accuracies), or None if preempted. Each sample has its own seed (see
+    rollout.sample_seed); dynamic sampling's round k numbers its samples from k·G."""
+    G = cfg.group_size
+    prompts = [ex.prompt_ids for ex in batch for _ in range(G)]
+    seeds = [sample_seed(cfg.seed, step, ex.index, round_ * G + j) for ex in batch for j in range(G)]
+    r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
+                slots=slot_count(sampler, cfg.rollout_batch_size, len(prompts), cfg.rollout_kv_gib,
+                                 cfg.max_prompt_len + cfg.max_new_tokens), head=model.get_output_embeddings(),
+                should_stop=stop_requested, progress_every=30.0 if world()[0] == 0 else 0.0)  # fmt: skip
+    if preempted():
+        return None
+    answers = [ex.answer for ex in batch for _ in range(G)]
+    rewards, accuracy = score_fn(reward_texts(r.texts, r.opened_think), answers)
+    rewards = th.tensor(rewards, dtype=th.float32, device=r.completion_ids.device)
+    rewards += overlong_penalty(
+        r.completion_mask.sum(-1), cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
+    )
+    return r, rewards, list(accuracy)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -402,13 +491,15 @@ def train(cfg: Config, score_fn=None) -> Path:
     optimizer = th.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = th.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.steps))
     step = 0
+    usage = th.zeros(vocab.size, dtype=th.long) if vocab is not None else None  # (n_r,) per-copy sample counts
     if resume_from is not None:
-        step = restore_trainer_state(resume_from, optimizer, scheduler)
+        step = restore_trainer_state(resume_from, optimizer, scheduler, usage)
         if main_rank:
             print(f"[grpo] resumed from {resume_from} at step {step}", flush=True)
             truncate_logs(output_dir, step)
     save = partial(save_checkpoint, output_dir, model=model, tokenizer=tokenizer, vocab=vocab, optimizer=optimizer,
-                   scheduler=scheduler, config=dataclasses.asdict(cfg), keep_last=cfg.keep_last, final_step=cfg.steps)  # fmt: skip
+                   scheduler=scheduler, config=dataclasses.asdict(cfg), keep_last=cfg.keep_last, final_step=cfg.steps,
+                   usage=usage)  # fmt: skip
     saved_step = step if resume_from is not None else None  # the same on every rank (no filesystem race)
     if resume_from is None and cfg.save_every > 0:
         save(0)
@@ -433,13 +524,17 @@ def train(cfg: Config, score_fn=None) -> Path:
 
     score = score_fn or partial(reward.score, format_weight=cfg.format_weight)
     while step < cfg.steps:
-        batch = data.prompt_batch(examples, step, cfg.prompts_per_step, seed=cfg.seed, rank=rank, world_size=world_size)
-        out = grpo_step(cfg, model, sampler, ref_model, optimizer, tokenizer, adjust, batch, step, score, autocast)
+        batches = partial(data.prompt_batch, examples, step, cfg.prompts_per_step, seed=cfg.seed, rank=rank,
+                          world_size=world_size)  # round_=k: dynamic sampling's further batches  # fmt: skip
+        out = grpo_step(cfg, model, sampler, ref_model, optimizer, tokenizer, adjust, batches(), step, score, autocast,
+                        more_prompts=batches)  # fmt: skip
         if out is None:  # preempted during the rollout
             break
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
+        if usage is not None:  # how often each reasoning copy has been sampled, over the run
+            usage += copy_usage(out["rollout"], vocab).cpu()
 
         # Log (global figures, gathered from every rank) and checkpoint.
         drift = bool(cfg.sample_every) and step % cfg.sample_every == 0
@@ -449,7 +544,7 @@ def train(cfg: Config, score_fn=None) -> Path:
         if main_rank:
             log_step(output_dir, m, cfg.steps, run)
             if cfg.sample_every and step % cfg.sample_every == 0:
-                log_samples(output_dir, sample_records(step, batch, out, tokenizer, vocab, cfg.group_size), run)
+                log_samples(output_dir, sample_records(step, out["batch"], out, tokenizer, vocab, cfg.group_size), run)
         if step == cfg.steps or (cfg.save_every > 0 and step % cfg.save_every == 0):
             save(step)
             saved_step = step

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import torch as th
+import torch.nn.functional as F
 
 import vocab as rvocab
 from distributed import all_gather_cat, all_reduce_sum, world
-from policy import LogitAdjust
+from policy import CLASSES, LogitAdjust
 from rollout import decode
 
 
@@ -27,12 +28,19 @@ def step_metrics(step: int, out: dict, group_size: int, model, adjust: LogitAdju
     truncated = all_gather_cat(r.truncated.float())
     entropy_sum = all_reduce_sum((r.entropy * r.completion_mask).sum().reshape(1).float())
     grouped = rewards.view(-1, group_size)
+    uniform = grouped.max(-1).values == grouped.min(-1).values  # (num_prompts,) over every rank
+    in_loss = all_reduce_sum(
+        out["loss_mask"].view(-1, group_size, out["loss_mask"].shape[1]).any(-1).any(-1).sum().reshape(1)
+    )
     m = {
         "step": step,
         "reward": float(rewards.mean()),
         "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         "accuracy": float(accuracy.mean()),
-        "frac_reward_zero_std": float((grouped.max(-1).values == grouped.min(-1).values).float().mean()),
+        "frac_reward_zero_std": float(uniform.float().mean()),
+        "groups_informative": float((~uniform).sum()),
+        "groups_in_loss": float(in_loss),
+        "resample_rounds": float(out["resample_rounds"]),
         "loss": stats["loss"],
         "kl": stats["kl"],
         "clip_frac": stats["clip_frac_low"] + stats["clip_frac_high"],
@@ -61,7 +69,36 @@ def step_metrics(step: int, out: dict, group_size: int, model, adjust: LogitAdju
                  think_len=float(summed[2]) / world_size)  # fmt: skip
         if drift:
             m.update(rvocab.embed_drift(model, vocab))
+    if out.get("classes") is not None:
+        m.update(class_metrics(out, stats["by_class"]))
     return m
+
+
+def class_metrics(out: dict, by_class: th.Tensor) -> dict[str, float]:
+    """The reasoning-vocabulary diagnostics, per token class (policy.CLASSES: think standard ids, think reasoning ids,
+    outside think) over every rank's completions: `_tokens` (count), `_entropy` (mean, over text), `_abs_adv` (Σ|A|
+    over the class's tokens: the policy-gradient weight it received), and over the tokens in the loss `_clip_low`,
+    `_clip_high` (fractions) and `_ratio` (mean ρ) from update's sums."""
+    r, classes = out["rollout"], out["classes"]
+    mask = r.completion_mask.bool()
+    onehot = F.one_hot(classes, len(CLASSES)) * mask[..., None]  # (B, T, K)
+    adv = out["advantages"].abs()[:, None, None]  # (B, 1, 1)
+    sums = all_reduce_sum(th.stack([onehot.sum((0, 1)), (onehot * r.entropy[..., None]).sum((0, 1)),
+                                    (onehot * adv).sum((0, 1))], -1).float())  # (K, 3)  # fmt: skip
+    m = {}
+    for k, name in enumerate(CLASSES):
+        n, in_loss = float(sums[k, 0]), max(float(by_class[k, 0]), 1.0)
+        m.update({f"{name}_tokens": n, f"{name}_entropy": float(sums[k, 1]) / max(n, 1.0),
+                  f"{name}_abs_adv": float(sums[k, 2]), f"{name}_clip_low": float(by_class[k, 1]) / in_loss,
+                  f"{name}_clip_high": float(by_class[k, 2]) / in_loss, f"{name}_ratio": float(by_class[k, 3]) / in_loss})  # fmt: skip
+    return m
+
+
+def copy_usage(r, vocab) -> th.Tensor:
+    """(n_r,) how often each reasoning copy was sampled in this step's completions, summed over ranks."""
+    ids = r.completion_ids[r.completion_mask.bool()]
+    ids = ids[ids >= vocab.standard_size] - vocab.standard_size
+    return all_reduce_sum(th.bincount(ids, minlength=vocab.size).float()).long()
 
 
 def sample_records(step: int, batch: list, out: dict, tokenizer, vocab, group_size: int) -> list[dict]:

@@ -13,6 +13,9 @@ A run directory is grpo.train's output_dir (config.json, metrics.jsonl, samples.
   d_i = ‖W[n_s + i] − W[s_i]‖₂ for reasoning id n_s + i copying standard id s_i, for every weight matrix with one row
   per id (the input embedding; the output layer too when untied): histogram, the copies that moved most, and the
   mean d over steps from the metrics (`embed_drift`, `unembed_drift`);
+- usage.png and usage.json: the share of completion tokens by class over steps (think standard ids, think reasoning
+  ids, outside think: the trainer's `<class>_tokens` diagnostics), and the copies sampled most over the run
+  (reasoning_usage.json) with their source tokens and kinds (digit, operator, word, …): which tokens migrate first;
 - trace.html: the latest logged samples, the think block shaded and the reasoning tokens (⟦…⟧ runs) highlighted.
 With two run directories training.png, entropy.png and reasoning_share.png draw both (colour = run); drift and trace
 are RUN_DIR's. A picture whose data the runs lack (a baseline has no copies) is skipped with a note, never an error.
@@ -34,6 +37,7 @@ from transformers import AutoTokenizer
 import data
 import vocab as rvocab
 from checkpoints import checkpoint_dirs, step_of
+from policy import CLASSES
 
 STYLE = {
     "font.size": 11,
@@ -392,6 +396,80 @@ mark.r { background: #ffc870; color: #000; border-bottom: 2px solid #d97a00; bor
 OPENED_BY_PROMPT = '<span class="tag" title="opened by the prompt">(&lt;think&gt;)</span>'
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Usage of the copies
+
+
+def token_kind(text: str) -> str:
+    """A source token's kind: digit, operator (punctuation and symbols: + = \\ ^ …), word, space, or other."""
+    text = text.strip()
+    if not text:
+        return "space"
+    if text.isdigit():
+        return "digit"
+    if all(unicodedata.category(c)[0] in "PS" for c in text):
+        return "operator"
+    return "word" if text.isalpha() else "other"
+
+
+def usage_report(run_dir: Path, out: Path) -> dict | None:
+    """usage.json: the copies sampled most over the run (reasoning_usage.json, written with each checkpoint) with
+    their source tokens and kinds, and the share of all copy samples by kind; None without the counts."""
+    path, checkpoints = Path(run_dir) / "reasoning_usage.json", checkpoint_dirs(Path(run_dir))
+    if not path.is_file() or not checkpoints:
+        return None
+    usage = json.loads(path.read_text())
+    vocab = rvocab.load(checkpoints[-1])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints[-1])
+    counts = {int(i): n for i, n in usage["counts"].items()}
+    total = max(sum(counts.values()), 1)
+    text_of = {i: tokenizer.decode([int(vocab.source_ids[i])]) for i in counts}
+    by_kind: dict[str, int] = {}
+    for i, n in counts.items():
+        by_kind[token_kind(text_of[i])] = by_kind.get(token_kind(text_of[i]), 0) + n
+    top = [{"reasoning_id": vocab.standard_size + i, "source_id": int(vocab.source_ids[i]), "token": text_of[i],
+            "kind": token_kind(text_of[i]), "count": n, "share": n / total}
+           for i, n in sorted(counts.items(), key=lambda kv: -kv[1])[:TOP_TOKENS]]  # fmt: skip
+    report = {"step": usage["step"], "copies": usage["copies"], "copies_used": len(counts), "samples": sum(counts.values()),
+              "share_by_kind": {k: n / total for k, n in sorted(by_kind.items(), key=lambda kv: -kv[1])}, "top": top}  # fmt: skip
+    (out / "usage.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    return report
+
+
+def plot_usage(runs: dict[str, list[dict]], run_dir: Path, out: Path) -> Path | None:
+    """usage.png (+ usage.json): token share by class over steps (RUN_DIR's run), and the copies sampled most."""
+    metrics = next(iter(runs.values()))
+    rows = [m for m in metrics if f"{CLASSES[0]}_tokens" in m]
+    if not rows:
+        note("skip usage.png: no per-class token counts in metrics.jsonl (a run without a reasoning vocabulary)")
+        return None
+    report = usage_report(run_dir, out)
+    fig = figure_class()(figsize=(15, 4.8), layout="constrained")
+    ax_share, ax_top = fig.subplots(1, 2, width_ratios=(1, 1.2))
+    totals = [max(sum(m[f"{c}_tokens"] for c in CLASSES), 1.0) for m in rows]
+    window = smoothing_window(len(rows))
+    for k, name in enumerate(CLASSES):
+        shares = [m[f"{name}_tokens"] / t for m, t in zip(rows, totals, strict=True)]
+        curve(ax_share, [m["step"] for m in rows], shares, f"C{k}", window)
+    ax_share.set(title="Completion tokens by class", xlabel="step", ylabel="share of tokens", ylim=(0, 1))
+    styles = {name.replace("_", " "): {"color": f"C{k}"} for k, name in enumerate(CLASSES)}
+    ax_share.legend(*legend_handles(styles), loc="best")
+    if report and report["top"]:
+        top = report["top"][::-1]
+        kinds = sorted({t["kind"] for t in top})
+        colors = [f"C{3 + kinds.index(t['kind'])}" for t in top]
+        ax_top.barh(range(len(top)), [t["count"] for t in top], color=colors)
+        ax_top.set_yticks(range(len(top)), [f"{t['token']!r} {t['source_id']}" for t in top], fontsize=8)
+        ax_top.set(title=f"Copies sampled most (to step {report['step']}; {report['copies_used']} of "
+                   f"{report['copies']} ever used)", xlabel="times sampled")  # fmt: skip
+        kind_styles = {kind: {"color": f"C{3 + i}", "lw": 6} for i, kind in enumerate(kinds)}
+        ax_top.legend(*legend_handles(kind_styles), loc="lower right")
+    else:
+        ax_top.set_axis_off()
+        ax_top.set_title("no copy sampled yet (reasoning_usage.json)")
+    return save(fig, out / "usage.png")
+
+
 def prompt_opens_think(run_dir: Path) -> bool | None:
     """Whether the run's prompts end inside a think block (its completions then start inside), from the latest
     checkpoint's tokenizer and the run's prompt options; None without a checkpoint."""
@@ -487,7 +565,12 @@ def make_all(run_dirs: list[Path], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = [plot_training(runs, out), plot_reasoning_share(runs, out), plot_entropy(runs, out)]
     drift_png = plot_drift(run_dirs[0], out)
-    made += [drift_png, out / "drift.json" if drift_png else None, render_trace(run_dirs[0], out)]
+    usage_png = plot_usage(runs, run_dirs[0], out)
+    made += [drift_png, out / "drift.json" if drift_png else None, usage_png]
+    made += [
+        out / "usage.json" if usage_png and (out / "usage.json").exists() else None,
+        render_trace(run_dirs[0], out),
+    ]
     return [p for p in made if p is not None]
 
 

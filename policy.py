@@ -42,6 +42,21 @@ class LogitAdjust:
         return th.cat([start_inside[:, None], after[:, :-1]], dim=1)
 
 
+# The reasoning-vocabulary diagnostics' token classes (see token_classes), in index order.
+CLASSES = ("think_standard", "think_reasoning", "outside")
+
+
+def token_classes(completion_ids: th.Tensor, start_inside: th.Tensor | None, adjust: LogitAdjust) -> th.Tensor | None:
+    """(B, T) class of each completion token, an index into CLASSES: inside think a standard id (0) or a reasoning id
+    (1), or outside think (2), by the think state its logits were adjusted with; None without a reasoning
+    vocabulary."""
+    inside = adjust.inside(completion_ids, start_inside)
+    if inside is None:
+        return None
+    reasoning = (completion_ids >= adjust.vocab.standard_size).long()
+    return th.where(inside, reasoning, th.full_like(reasoning, 2))
+
+
 def padding_bias(num_rows: int, num_tokens: int, standard_size: int) -> th.Tensor:
     """(num_rows,) bias: −∞ on embedding rows in [num_tokens, standard_size) that the tokenizer cannot produce."""
     bias = th.zeros(num_rows)

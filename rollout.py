@@ -260,6 +260,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         logp=cat("logp", T, 0.0),
         entropy=cat("entropy", T, 0.0),
         start_inside=th.cat([p.start_inside for p in parts]) if parts[0].start_inside is not None else None,
+        texts=[t for p in parts for t in p.texts] if parts[0].texts is not None else None,
+        opened_think=[f for p in parts for f in p.opened_think] if parts[0].opened_think is not None else None,
     )
 
 

@@ -243,7 +243,16 @@ def test_arithmetic_rows_are_correct_and_deterministic():
     assert ops == {"+", "-"}
     assert arithmetic_rows(n=500, seed=3) == rows
     assert arithmetic_rows(n=500, seed=4) != rows
-    assert load_rows("arithmetic") == arithmetic_rows()
+    assert load_rows("arithmetic", split="validation") == arithmetic_rows()  # a split it lacks: no held-out problems
+
+
+def test_arithmetic_train_and_test_splits_are_disjoint():
+    train, test = load_rows("arithmetic:9"), load_rows("arithmetic:9", split="test")
+    problems = {r["problem"] for r in test}
+    assert len(problems) == len(test) == 33  # every held-out problem once: 1 in 5 of the 155 with operands ≤ 9
+    assert not problems & {r["problem"] for r in train} and len(train) == 2000
+    assert all(max(map(int, r["problem"].rstrip("?").split()[-3::2])) <= 9 for r in train + test)
+    assert [r["index"] for r in test] == list(range(33))
 
 
 # --- prompts ---------------------------------------------------------------------------------------------------------

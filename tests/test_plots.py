@@ -16,7 +16,7 @@ import vocab as rvocab
 from tests.conftest import tiny_model, weights_of
 from tests.test_grpo import letter_e, run_cfg
 
-PNGS = {"training.png", "entropy.png", "reasoning_share.png", "drift.png"}
+PNGS = {"training.png", "entropy.png", "reasoning_share.png", "drift.png", "usage.png"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def pictures(two_runs, tmp_path_factory):
 
 
 def test_pictures_of_a_reasoning_run_beside_its_baseline(pictures):
-    assert {p.name for p in pictures} == PNGS | {"drift.json", "trace.html"}
+    assert {p.name for p in pictures} == PNGS | {"drift.json", "usage.json", "trace.html"}
     out = pictures[0].parent
     assert all(p.parent == out and p.stat().st_size > 0 for p in pictures)
     for name in PNGS:
@@ -82,6 +82,25 @@ def test_drift_json_lists_real_copies_with_their_weights_drift(two_runs, picture
     logged = [m for m in plots.read_metrics(rv) if "embed_drift" in m][-1]
     assert logged["step"] == 2 and summary["mean"] == pytest.approx(logged["embed_drift"], rel=1e-5)
     assert 0 < summary["mean"] and 0 < summary["frac_moved"] <= 1
+
+
+def test_usage_json_counts_the_copies_the_run_sampled(two_runs, pictures, tiny_tokenizer):
+    rv, _ = two_runs
+    report = json.loads((pictures[0].parent / "usage.json").read_text())
+    logged = [m for m in plots.read_metrics(rv) if "think_reasoning_tokens" in m]
+    assert report["step"] == 2 and report["samples"] == sum(m["think_reasoning_tokens"] for m in logged) > 0
+    vocab = rvocab.load(checkpoints.checkpoint_dirs(rv)[-1])
+    counts = [t["count"] for t in report["top"]]
+    assert counts == sorted(counts, reverse=True) and report["copies"] == vocab.size
+    for t in report["top"]:
+        assert int(vocab.source_ids[t["reasoning_id"] - vocab.standard_size]) == t["source_id"]
+        assert t["token"] == tiny_tokenizer.decode([t["source_id"]]) and t["kind"] == plots.token_kind(t["token"])
+    assert sum(report["share_by_kind"].values()) == pytest.approx(1.0)
+
+
+def test_token_kinds():
+    kinds = [plots.token_kind(s) for s in ("7", " 42", "+", " \\frac", "=", " the", "  ", "x2")]
+    assert kinds == ["digit", "digit", "operator", "other", "operator", "word", "space", "other"]
 
 
 def test_trace_highlights_every_reasoning_run_of_the_latest_samples(two_runs, pictures):
@@ -129,7 +148,7 @@ def test_baseline_alone_skips_drift_and_reasoning_share(two_runs, tmp_path, caps
     made = plots.main([str(base), "--out", str(tmp_path)])
     assert {p.name for p in made} == {"training.png", "entropy.png", "trace.html"}
     out = capsys.readouterr().out
-    assert "skip drift.png" in out and "skip reasoning_share.png" in out
+    assert "skip drift.png" in out and "skip reasoning_share.png" in out and "skip usage.png" in out
     assert not (tmp_path / "drift.png").exists() and not (tmp_path / "drift.json").exists()
 
 
