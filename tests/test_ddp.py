@@ -1,4 +1,5 @@
-"""Data parallelism: `torchrun --nproc_per_node 2` makes the same update as one process on the same global batch."""
+"""Data parallelism: `torchrun --nproc_per_node 2` makes the same update as one process on the same global batch, also
+with dynamic sampling (its further rounds are decided on every rank's groups, so every rank draws the same rounds)."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch as th
 
 import checkpoints
@@ -37,10 +39,11 @@ def run(args: list[str], cfg: dict, tmp_path: Path) -> subprocess.CompletedProce
     return out
 
 
-def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("extra", [{}, {"resample_rounds": 2}], ids=["plain", "dynamic-sampling"])
+def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, extra):
     cfg = dict(model=str(tiny_model_dir), dataset="arithmetic", prompts_per_step=4, group_size=3, max_new_tokens=8,
                max_prompt_len=256, micro_batch_size=4, rollout_batch_size=0, temperature=1.0, lr=1e-4, warmup_steps=0,
-               steps=2, save_every=0, device="cpu")  # fmt: skip
+               steps=2, save_every=0, device="cpu", **extra)  # fmt: skip
     run([sys.executable], {**cfg, "output_dir": str(tmp_path / "one")}, tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     ddp = run(torchrun, {**cfg, "output_dir": str(tmp_path / "two")}, tmp_path)
@@ -56,8 +59,11 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
     m2 = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in m2] == [1, 2]  # rank 0 alone writes
     for a, b in zip(m1, m2, strict=True):  # the same samples, rewards and loss on the global batch
-        for k in ("reward", "reward_std", "completion_len", "loss", "entropy", "grad_norm"):
+        for k in ("reward", "reward_std", "completion_len", "loss", "entropy", "grad_norm", "groups_in_loss",
+                  "resample_rounds"):  # fmt: skip
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
     assert any(m["reward_std"] > 0 for m in m1)  # the step had a learning signal
+    if extra:
+        assert any(m["resample_rounds"] > 0 for m in m1)  # further rounds were drawn, the same on both ranks
     w0 = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))[0].state_dict()
     assert any(not th.equal(w0[k], w1[k]) for k in w1)
