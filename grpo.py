@@ -567,6 +567,8 @@ def load_policy(cfg: Config, resume_from: Path | None, device: th.device):
     by cfg.reasoning_vocab_size copies."""
     model, tokenizer = load_model_and_tokenizer(str(resume_from or cfg.model), device)
     vocab = rvocab.load(resume_from) if resume_from else None
+    if cfg.add_think_tags:  # a no-op when resuming: the checkpoint's tokenizer has them
+        rvocab.add_think_tags(model, tokenizer)
     if vocab is None and cfg.reasoning_vocab_size != 0:
         vocab = rvocab.add_reasoning_vocab(model, tokenizer, cfg.reasoning_vocab_size, offset=cfg.reasoning_offset)
     if cfg.gradient_checkpointing:

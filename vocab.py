@@ -284,6 +284,36 @@ def think_tag_ids(tokenizer) -> tuple[int, int] | None:
     return ids
 
 
+# Appended to a chat template that does not open the think block: the generation prompt then ends with "<think>\n", as
+# with Qwen3's thinking templates (and not with enable_thinking=False).
+OPEN_THINK_TEMPLATE = (
+    "{%- if add_generation_prompt and (enable_thinking is not defined or enable_thinking) %}"
+    "{{- '" + THINK + "\\n' }}{%- endif %}"
+)
+
+
+def add_think_tags(model, tokenizer) -> bool:
+    """Give a tokenizer without think tags (SmolLM2's) `<think>` and `</think>` as special tokens, so that a reasoning
+    vocabulary can be gated. Each tag's new embedding row (and untied output row) is the mean of the rows of the
+    tokens its text splits into ("<", "think", ">"), so the model first reads it as that text; the chat template's
+    generation prompt opens the block (see OPEN_THINK_TEMPLATE) and the format reward teaches the model to close it.
+    Returns False, changing nothing, when the tokenizer has both tags already."""
+    if think_tag_ids(tokenizer) is not None:
+        return False
+    pieces = {tag: tokenizer.encode(tag, add_special_tokens=False) for tag in (THINK, END_THINK)}
+    tokenizer.add_tokens([THINK, END_THINK], special_tokens=True)
+    ids = [tokenizer.convert_tokens_to_ids(tag) for tag in (THINK, END_THINK)]
+    if max(ids) >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    layers = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}  # one when tied
+    with th.no_grad():
+        for weight in layers:
+            for tag, i in zip((THINK, END_THINK), ids, strict=True):
+                weight[i] = weight[pieces[tag]].mean(0)
+    tokenizer.chat_template = (tokenizer.chat_template or "") + OPEN_THINK_TEMPLATE
+    return True
+
+
 def regular_token_ids(tokenizer) -> list[int]:
     """Ids of the regular tokens, ascending: in the tokenizer (< len(tokenizer)), not special, not added."""
     excluded = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)

@@ -49,21 +49,29 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, extra):
     ddp = run(torchrun, {**cfg, "output_dir": str(tmp_path / "two")}, tmp_path)
     assert "2 rank(s)" in ddp.stdout
 
+    m1 = assert_same_training(tmp_path / "one", tmp_path / "two")
+    if extra:
+        assert any(m["resample_rounds"] > 0 for m in m1)  # further rounds were drawn, the same on both ranks
     w1 = weights_of(checkpoints.checkpoint_dirs(tmp_path / "one")[-1])
-    w2 = weights_of(checkpoints.checkpoint_dirs(tmp_path / "two")[-1])
+    w0 = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))[0].state_dict()
+    assert any(not th.equal(w0[k], w1[k]) for k in w1)
+
+
+def assert_same_training(one: Path, two: Path) -> list[dict]:
+    """Two runs (one process; several ranks or nodes) made the same updates on the same global batch: final weights
+    and every step's metrics agree; returns the first run's metrics."""
+    w1 = weights_of(checkpoints.checkpoint_dirs(one)[-1])
+    w2 = weights_of(checkpoints.checkpoint_dirs(two)[-1])
     # Adam divides each gradient by its own scale, so fp32 summation-order noise in a near-zero gradient component
     # moves that weight by up to ~lr × its relative error: at lr 1e-4 the bound below is far above that noise.
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert diff <= 1e-6, diff
-    m1 = [json.loads(s) for s in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in m2] == [1, 2]  # rank 0 alone writes
+    m1 = [json.loads(s) for s in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(s) for s in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in m2] == [m["step"] for m in m1] == [1, 2]  # rank 0 alone writes
     for a, b in zip(m1, m2, strict=True):  # the same samples, rewards and loss on the global batch
         for k in ("reward", "reward_std", "completion_len", "loss", "entropy", "grad_norm", "groups_in_loss",
                   "resample_rounds"):  # fmt: skip
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
-    assert any(m["reward_std"] > 0 for m in m1)  # the step had a learning signal
-    if extra:
-        assert any(m["resample_rounds"] > 0 for m in m1)  # further rounds were drawn, the same on both ranks
-    w0 = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))[0].state_dict()
-    assert any(not th.equal(w0[k], w1[k]) for k in w1)
+    assert any(m["reward_std"] > 0 for m in m1)  # the steps had a learning signal
+    return m1

@@ -432,6 +432,8 @@ def test_cli_parses_lr_and_presets():
     assert parse_args(["--lr", "3e-6"]).lr == 3e-6
     demo = parse_args(["--preset", "demo", "--steps", "3"])
     assert demo.steps == 3 and demo.dataset == "arithmetic" and demo.model.endswith(".gguf")
+    rv = parse_args(["--preset", "demo-reasoning"])
+    assert rv.add_think_tags and rv.enable_thinking and rv.reasoning_vocab_size == 1024 and rv.model == demo.model
     assert parse_args([]) == Config()
 
 
@@ -496,15 +498,21 @@ def test_drop_truncated_rows_are_left_out_of_the_loss():
     r = _rollout(tiny_model(32), adjust)
     adv = th.linspace(-1, 1, 8)
     keep = th.tensor([1, 0, 1, 1, 0, 1, 1, 0], dtype=th.bool)
-    weights = []
-    for rows, mask in [(slice(None), r.completion_mask * keep[:, None]), (keep, r.completion_mask[keep])]:
-        sub = replace(r, **{f: getattr(r, f)[rows] for f in ("prompt_ids", "prompt_mask", "completion_ids",
-                                                                "completion_mask", "truncated", "logp", "entropy")})  # fmt: skip
-        m = tiny_model(32)
-        grpo.update(m, th.optim.SGD(m.parameters(), lr=0.1), sub, adv[rows], adjust, loss_mask=mask, old_logp=None,
-                    ref_logp=None, **grpo.update_options(tiny_cfg(max_new_tokens=9)))  # fmt: skip
-        weights.append(th.cat([p.detach().flatten() for p in m.parameters()]))
-    assert (weights[0] - weights[1]).abs().max() < 1e-6
+    masked = weights_after_update(
+        r, slice(None), r.completion_mask * keep[:, None], adv, adjust, tiny_cfg(max_new_tokens=9)
+    )
+    alone = weights_after_update(r, keep, r.completion_mask[keep], adv, adjust, tiny_cfg(max_new_tokens=9))
+    assert (masked - alone).abs().max() < 1e-6
+
+
+def weights_after_update(r, rows, loss_mask, advantages, adjust, cfg) -> th.Tensor:
+    """A fresh tiny model's flat weights after one SGD update on the rollout's `rows` with `loss_mask`."""
+    sub = replace(r, **{f: getattr(r, f)[rows] for f in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                            "completion_mask", "truncated", "logp", "entropy")})  # fmt: skip
+    m = tiny_model(32)
+    grpo.update(m, th.optim.SGD(m.parameters(), lr=0.1), sub, advantages[rows], adjust, loss_mask=loss_mask,
+                old_logp=None, ref_logp=None, **grpo.update_options(cfg))  # fmt: skip
+    return th.cat([p.detach().flatten() for p in m.parameters()])
 
 
 def test_all_rows_dropped_is_a_no_op_not_a_crash():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import checkpoints
-from tests.conftest import weights_of
+from tests.test_ddp import assert_same_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,21 +130,27 @@ def wait_until(cond, timeout: float, what: str, log: Path):
     return value
 
 
-def test_sbatch_runs_ddp_to_completion(tmp_path, tiny_model_dir):
-    out, log = tmp_path / "run", tmp_path / "slurm.log"
-    proc = submit(log, tiny_args(tiny_model_dir, out, steps=4, save_every=2), wait=True, timeout=150)
+def completed(proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    """The log of the job `proc` submitted with --wait, once it has COMPLETED with both ranks joined (or a failure);
+    the job is cancelled however this ends."""
     job = job_id_of(proc)
     try:
-        rc = proc.wait(timeout=160)
+        rc = proc.wait(timeout=timeout)
         text = log.read_text()
         assert rc == 0, text
         assert final_state(job) == "COMPLETED"
         assert "2 rank(s)" in text  # both processes joined one data-parallel run
-        assert metric_steps(out) == [1, 2, 3, 4]
-        final = checkpoints.checkpoint_dirs(out)[-1]
-        assert final.name == "step_000004" and (final / "trainer_state.pt").exists()
+        return text
     finally:
         subprocess.run(["scancel", job], capture_output=True)
+
+
+def test_sbatch_runs_ddp_to_completion(tmp_path, tiny_model_dir):
+    out, log = tmp_path / "run", tmp_path / "slurm.log"
+    completed(submit(log, tiny_args(tiny_model_dir, out, steps=4, save_every=2), wait=True, timeout=150), log, 160)
+    assert metric_steps(out) == [1, 2, 3, 4]
+    final = checkpoints.checkpoint_dirs(out)[-1]
+    assert final.name == "step_000004" and (final / "trainer_state.pt").exists()
 
 
 @multinode
@@ -157,32 +163,15 @@ def test_multinode_job_trains_like_one_process(tmp_path, tiny_model_dir):
                      save_every=0, rollout_batch_size=0, temperature=1.0, lr=1e-4, warmup_steps=0)  # fmt: skip
     log = tmp_path / "slurm.log"
     proc = submit(log, args, wait=True, timeout=200, nodes=2, SCRIPT=str(script), PYTHONPATH=str(ROOT))
-    job = job_id_of(proc)
-    try:
-        rc = proc.wait(timeout=210)
-        text = log.read_text()
-        assert rc == 0, text
-        assert final_state(job) == "COMPLETED"
-        assert "2 rank(s)" in text
-        assert {"node1", "node2"} <= set(re.findall(r"\[launch\] (node\d+): CUDA_VISIBLE_DEVICES", text)), text
-    finally:
-        subprocess.run(["scancel", job], capture_output=True)
+    text = completed(proc, log, 210)
+    assert {"node1", "node2"} <= set(re.findall(r"\[launch\] (node\d+): CUDA_VISIBLE_DEVICES", text)), text
     one = [a if a != str(tmp_path / "two") else str(tmp_path / "one") for a in args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     ref = subprocess.run([sys.executable, str(script), *one], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
 
-    w1 = weights_of(checkpoints.checkpoint_dirs(tmp_path / "one")[-1])
-    w2 = weights_of(checkpoints.checkpoint_dirs(tmp_path / "two")[-1])
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-6  # as test_ddp: far above fp32 order noise
-    m1 = [json.loads(s) for s in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in m2] == [1, 2]
-    for a, b in zip(m1, m2, strict=True):
-        for k in ("reward", "reward_std", "completion_len", "loss", "entropy", "grad_norm"):
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
-    assert any(m["reward_std"] > 0 for m in m1)  # the steps had a learning signal
+    assert_same_training(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.parametrize("nodes", [pytest.param(1, id="one-node"), pytest.param(2, id="multinode", marks=multinode)])

