@@ -15,7 +15,8 @@ from tests.conftest import weights_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs the trainer with a toy reward (the letter "e" in the completion) so that every step has a learning signal.
+# Runs the trainer with a toy reward (the letter "e" in the completion) so that every step has a learning signal; with
+# dynamic sampling, problems with an even answer score 1 for every sample (uniform groups) so that rounds are needed.
 SCRIPT = """
 import json, sys
 from dataclasses import replace
@@ -25,7 +26,12 @@ def letter_e(completions, answers):
     hits = [float("e" in c) for c in completions]
     return hits, hits
 
-grpo.train(replace(grpo.Config(), **json.loads(sys.argv[1])), score_fn=letter_e)
+def even_is_solved(completions, answers):
+    hits = [1.0 if int(a) % 2 == 0 else float("e" in c) for c, a in zip(completions, answers)]
+    return hits, hits
+
+cfg = replace(grpo.Config(), **json.loads(sys.argv[1]))
+grpo.train(cfg, score_fn=even_is_solved if cfg.resample_rounds else letter_e)
 """
 
 
