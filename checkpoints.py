@@ -32,7 +32,7 @@ def load_model_and_tokenizer(path: str, device: th.device, option: str = "model"
     """A causal LM in fp32 (master weights) and its tokenizer, from a hub id, a directory or a .gguf file. `option`
     names the command-line option it came from, for the one-line error when it cannot be loaded."""
     check_model_source(option, path)
-    kwargs = {}
+    shown, kwargs = path, {}
     if path.endswith(".gguf"):
         path, kwargs["gguf_file"] = str(Path(path).parent), Path(path).name
     try:
@@ -40,7 +40,7 @@ def load_model_and_tokenizer(path: str, device: th.device, option: str = "model"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=th.float32, **kwargs).to(device)
     except OSError as e:  # transformers' message for an unreachable hub or a missing repo: its first line is the point
         raise UsageError(
-            f"--{option.replace('_', '-')} {path}: cannot load it: {str(e).strip().splitlines()[0]}"
+            f"--{option.replace('_', '-')} {shown}: cannot load it: {str(e).strip().splitlines()[0]}"
         ) from e
     if "gguf_file" in kwargs:  # dequantized to fp32 on load: a plain model from here on, saved as safetensors
         model.hf_quantizer = None
@@ -129,7 +129,9 @@ def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, sche
         counts = {str(i): int(usage[i]) for i in usage.nonzero().flatten().tolist()}
         write_json(output_dir / "reasoning_usage.json", {"step": step, "copies": len(usage), "counts": counts})
 
-    done = checkpoint_dirs(output_dir)
+    # Rotation among the intact checkpoints up to this step: damaged ones are never deleted nor counted, and later
+    # ones (a future this run will write again) are left alone.
+    done = [d for d in checkpoint_dirs(output_dir) if step_of(d) <= step and checkpoint_problem(d) is None]
     recent = set(done[-keep_last:]) if keep_last > 0 else set()
     for d in done:
         if d not in recent and step_of(d) not in (0, final_step):
@@ -170,9 +172,12 @@ def safetensors_problem(path: Path) -> str | None:
             header = json.loads(f.read(n)) if 8 + n <= size else None
     except (OSError, ValueError, struct.error):
         header = None
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        header = None
     if header is None:
         return f"{path.name} has no readable header"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if size != 8 + n + end:
         return f"{path.name} is {size} bytes, its header says {8 + n + end}"
     return None

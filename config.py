@@ -339,7 +339,11 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
     for name, value in vars(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"{flag(name)} {value}: must be a finite number")
-    check_model_source("model", cfg.model)
+    resuming = cfg.resume != "off" and (
+        cfg.resume != "auto" or any((Path(cfg.output_dir) / "checkpoints").glob("step_*"))
+    )
+    if not resuming:  # a resumed run loads the checkpoint, not --model
+        check_model_source("model", cfg.model)
     check_dataset_source("dataset", cfg.dataset)
     if cfg.eval_dataset:
         check_dataset_source("eval_dataset", cfg.eval_dataset)
@@ -360,8 +364,14 @@ def check_model_source(name: str, value: str) -> None:
             raise UsageError(f"{flag(name)} {value}: no such file{extra}")
         return
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"{flag(name)} {value}: no config.json in that directory (not a transformers model)")
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if not model_type:
+            hint = " (a run directory? pass one of its checkpoints/step_N)" if (path / "checkpoints").is_dir() else ""
+            raise UsageError(f"{flag(name)} {value}: not a transformers model directory (no config.json with a "
+                             f"model_type){hint}")  # fmt: skip
         return
     if path.exists() or not HUB_ID.fullmatch(value) or value.startswith(("./", "../", "~")):
         raise UsageError(f"{flag(name)} {value}: no such directory or file")

@@ -89,7 +89,11 @@ def _load_dataset(source: str, split: str, skip_bad_rows: bool) -> tuple[list[di
         if split != "train":  # a local file is one split, "train"; datasets' slices ("train[:100]") still apply
             import datasets
 
-            (cut,) = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(rows)})
+            try:
+                (cut,) = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(rows)})
+            except ValueError:
+                raise UsageError(f"{source}: a local file has one split, 'train' (or a slice such as 'train[:100]'), "
+                                 f"not {split!r}") from None  # fmt: skip
             rows = rows[cut.from_ : cut.to]
         return rows, list(dict.fromkeys(k for row in rows for k in row)), skipped
     import datasets
@@ -227,7 +231,9 @@ def load_rows(
         return arithmetic_rows(max_operand=max_operand, split=split if split in ("train", "test") else None)
     ds, columns, skipped_lines = _load_dataset(source, split, skip_bad_rows)
     if not columns:
-        raise UsageError(f"{source}: no rows")
+        raise UsageError(
+            f"{source}: no rows" + (f" ({skipped_lines} unparseable lines skipped)" if skipped_lines else "")
+        )
     top = {field.split(".")[0] for field in (prompt_field, answer_field) if field}
     if missing := sorted(top - set(columns)):
         raise UsageError(f"{source}: field(s) {missing} not among the columns {columns}")
@@ -370,9 +376,7 @@ def prompt_batch(
     if batches_per_epoch == 0:
         raise UsageError(f"--prompts-per-step {prompts_per_step}: more than the {len(examples)} usable problems")
     epoch, i = divmod(step, batches_per_epoch)
-    perm_seed = seed * 1_000_003 + epoch
-    if round_:
-        perm_seed = perm_seed * 1_009 + round_
+    perm_seed = seed * 1_000_003 + epoch + round_ * 2**40  # rounds never share a shuffle with any epoch
     perm = th.randperm(len(examples), generator=th.Generator().manual_seed(perm_seed))  # (N,)
     batch = perm[i * prompts_per_step : (i + 1) * prompts_per_step].tolist()
     return [examples[j] for j in batch[rank::world_size]]

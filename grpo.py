@@ -331,7 +331,7 @@ def update(
     device = r.completion_ids.device
     counts = th.tensor([loss_mask.sum(), (loss_mask.sum(-1) > 0).sum()], device=device)
     num_tokens, num_sequences = all_reduce_sum(counts)
-    num_tokens, num_sequences = max(float(num_tokens), 1.0), float(num_sequences)
+    num_tokens, num_sequences = max(float(num_tokens), 1.0), max(float(num_sequences), 1.0)
     optimizer.zero_grad(set_to_none=True)
     totals = th.zeros(1 + len(STAT_KEYS), device=device)  # loss, then STAT_KEYS (token-weighted sums)
     dlogp_max = th.zeros(1, device=device)
@@ -565,7 +565,9 @@ def train(cfg: Config, score_fn=None) -> Path:
 def load_policy(cfg: Config, resume_from: Path | None, device: th.device):
     """(model, tokenizer, reasoning vocabulary or None): from the checkpoint when resuming, else cfg.model expanded
     by cfg.reasoning_vocab_size copies."""
-    model, tokenizer = load_model_and_tokenizer(str(resume_from or cfg.model), device)
+    model, tokenizer = load_model_and_tokenizer(
+        str(resume_from or cfg.model), device, "resume" if resume_from else "model"
+    )
     vocab = rvocab.load(resume_from) if resume_from else None
     if cfg.add_think_tags:  # a no-op when resuming: the checkpoint's tokenizer has them
         rvocab.add_think_tags(model, tokenizer)

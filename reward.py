@@ -311,7 +311,7 @@ def _accuracy(completion: str, answer) -> float:
         return 0.0
     if _key(pred_norm) == _key(_gold_norm(gold)):
         return 1.0
-    if _UNEVALUATED_RE.fullmatch(pred.strip()):
+    if _UNEVALUATED_RE.fullmatch(pred.strip()) or _UNEVALUATED_RE.fullmatch(pred_norm.strip()):
         return 0.0
     gold_expr = _gold_expr(gold)
     if gold_expr is None:

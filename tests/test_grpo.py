@@ -515,13 +515,15 @@ def weights_after_update(r, rows, loss_mask, advantages, adjust, cfg) -> th.Tens
     return th.cat([p.detach().flatten() for p in m.parameters()])
 
 
-def test_all_rows_dropped_is_a_no_op_not_a_crash():
+@pytest.mark.parametrize("loss_type", ["token", "sequence", "dr_grpo"])
+def test_all_rows_dropped_is_a_no_op_not_a_crash(loss_type):
     adjust = plain_adjust(32)
     model = tiny_model(32)
     r = _rollout(model, adjust)
     before = [p.detach().clone() for p in model.parameters()]
     opt = th.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)  # decoupled decay would move weights anyway
     stats = grpo.update(model, opt, r, th.ones(8), adjust,
-                        loss_mask=th.zeros_like(r.completion_mask), old_logp=None, ref_logp=None, **grpo.update_options(tiny_cfg()))  # fmt: skip
+                        loss_mask=th.zeros_like(r.completion_mask), old_logp=None, ref_logp=None,
+                        **grpo.update_options(tiny_cfg(loss_type=loss_type)))  # fmt: skip
     assert stats["loss"] == 0.0 and stats["skipped"] == 0.0
     assert all(th.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

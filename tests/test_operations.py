@@ -51,9 +51,10 @@ ROOT = Path(__file__).resolve().parents[1]
         (["--resume", "/no/such/checkpoint"], "--resume /no/such/checkpoint: no such checkpoint directory"),
     ],
 )
-def test_bad_option_is_one_line_naming_the_flag(flags, message, tiny_model_dir, capsys):
+def test_bad_option_is_one_line_naming_the_flag(flags, message, tiny_model_dir, tmp_path, capsys):
+    base = ["--model", str(tiny_model_dir), "--dataset", "arithmetic", "--output-dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_:  # a flag given twice: the last one counts
-        config.cli_config(["--model", str(tiny_model_dir), "--dataset", "arithmetic", *flags])
+        config.cli_config([*base, *flags])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
@@ -67,6 +68,23 @@ def test_prompts_per_step_must_divide_over_the_ranks(tiny_model_dir, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "4")  # what torchrun sets: the default
     with pytest.raises(UsageError, match="divisible by the 4 ranks"):
         check_config(cfg)
+
+
+def test_a_run_directory_is_not_a_model(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(Config())))  # the trainer's config, no model_type
+    with pytest.raises(UsageError, match="not a transformers model directory .*checkpoints/step_N"):
+        config.check_model_source("model", str(run))
+    config.check_model_source("model", str(tiny_model_dir))
+
+
+def test_resuming_does_not_need_the_base_model(tmp_path, tiny_model_dir):
+    cfg = Config(model=str(tmp_path / "moved-away"), dataset="arithmetic", output_dir=str(tmp_path / "run"))
+    with pytest.raises(UsageError, match="--model"):
+        check_config(cfg)
+    (tmp_path / "run" / "checkpoints" / "step_000004").mkdir(parents=True)
+    check_config(cfg)  # --resume auto will load the checkpoint
 
 
 def test_hub_id_missing_from_the_offline_cache_says_so(monkeypatch):
@@ -168,6 +186,23 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, tiny_model_d
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_rotation_keeps_damaged_checkpoints_and_the_one_just_written(tmp_path, tiny_model_dir):
+    """Resumed at 50 past a damaged 100, --keep-last 1: saving 60 keeps 0 and 60 and leaves 100 alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    opt = th.optim.AdamW(model.parameters())
+    sched = th.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step, keep in ((0, 5), (50, 5), (100, 5), (60, 1)):
+        if step == 60:
+            (tmp_path / "checkpoints" / "step_000100" / "model.safetensors").unlink()
+        checkpoints.save_checkpoint(tmp_path, step, model, tok, None, opt, sched, config={}, keep_last=keep,
+                                    final_step=1000)  # fmt: skip
+    assert [d.name for d in checkpoints.checkpoint_dirs(tmp_path)] == ["step_000000", "step_000060", "step_000100"]
+    assert checkpoints.checkpoint_problem(tmp_path / "checkpoints" / "step_000100") == "model.safetensors is missing"
+
+
 class RunsCode:
     """Pickled as a call to os.mkdir: what a malicious trainer_state.pt could hold."""
 
@@ -243,6 +278,8 @@ def test_malformed_line_is_named_and_skippable(tmp_path, caplog):
     array.write_text('[\n{"problem": "p", "answer": "1"},\n{"problem": "q" "answer": "2"}\n]')
     with pytest.raises(UsageError, match=r"a.json line 3: not valid JSON"):
         load_rows(str(array))
+    with pytest.raises(UsageError, match=r"d.jsonl: a local file has one split, 'train'"):
+        load_rows(str(path), split="test", skip_bad_rows=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

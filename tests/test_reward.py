@@ -181,6 +181,7 @@ def test_wrong_answers_score_zero(pred, gold):
         (r"\boxed{3 + 8}", "11", 0.0),  # the question restated, not answered
         (r"\boxed{5 \times 2}", "10", 0.0),
         (r"\boxed{12 - 4*2}", "4", 0.0),
+        (r"\boxed{$3 + 8$}", "11", 0.0),
         (r"\boxed{3+8}", "3+8", 1.0),  # unless that is the gold answer itself
         (r"\boxed{1/2}", r"\frac12", 1.0),  # a fraction is an answer
     ],
