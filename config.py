@@ -331,11 +331,9 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         ("max_samples", cfg.max_samples is None or cfg.max_samples >= 1, "≥ 1"),
         ("eval_max_problems", cfg.eval_max_problems is None or cfg.eval_max_problems >= 1, "≥ 1"),
         ("eval_max_new_tokens", cfg.eval_max_new_tokens is None or cfg.eval_max_new_tokens >= 1, "≥ 1"),
-        ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "auto, cpu, cuda or cuda:N"),
+        ("device", DEVICE.fullmatch(cfg.device) is not None, "auto, cpu, cuda or cuda:N"),
     ]
-    for name, holds, allowed in rules:
-        if not holds:
-            raise UsageError(f"{flag(name)} {getattr(cfg, name)}: must be {allowed}")
+    refuse_broken(cfg, rules)
     for name, value in vars(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"{flag(name)} {value}: must be a finite number")
@@ -352,6 +350,14 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "Qwen/Qwen3-0.6B", "gpt2"
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def refuse_broken(cfg, rules: list[tuple[str, bool, str]]) -> None:
+    """Raise a UsageError for the first (option, holds, what is allowed) rule that does not hold, naming the flag."""
+    for name, holds, allowed in rules:
+        if not holds:
+            raise UsageError(f"{flag(name)} {getattr(cfg, name)}: must be {allowed}")
 
 
 def check_model_source(name: str, value: str) -> None:
@@ -428,10 +434,10 @@ def cli_config(argv: list[str] | None = None) -> Config:
     return exit_on_usage_error(lambda: check_config(cfg := parse_args(argv)) or cfg)
 
 
-# evaluate.py's options that a checkpoint's trainer_config.json supplies when not given: {eval option: training option}
-TRAINED_OPTIONS = {"system_prompt": "system_prompt", "instruction": "instruction", "enable_thinking": "enable_thinking",
-                   "max_prompt_len": "max_prompt_len", "temperature": "temperature", "top_p": "top_p",
-                   "max_new_tokens": "max_new_tokens"}  # fmt: skip
+# evaluate.py's options that a checkpoint's trainer_config.json supplies when not given (same names in Config;
+# max_new_tokens comes from the run's eval_max_new_tokens when it set one)
+TRAINED_OPTIONS = ("system_prompt", "instruction", "enable_thinking", "max_prompt_len", "temperature", "top_p",
+                   "max_new_tokens")  # fmt: skip
 
 
 def eval_cli_config(argv: list[str] | None = None) -> EvalConfig:
@@ -455,7 +461,7 @@ def with_training_options(cfg: EvalConfig, given: set[str]) -> EvalConfig:
         raise UsageError(f"{path}: unreadable ({e})") from None
     if trained.get("eval_max_new_tokens"):
         trained["max_new_tokens"] = trained["eval_max_new_tokens"]
-    taken = {name: trained[src] for name, src in TRAINED_OPTIONS.items() if name not in given and src in trained}
+    taken = {name: trained[name] for name in TRAINED_OPTIONS if name not in given and name in trained}
     cfg = dataclasses.replace(cfg, **taken)
     shown = ", ".join(f"{name}={getattr(cfg, name)!r} ({'trainer_config.json' if name in taken else 'given'})"
                       for name in TRAINED_OPTIONS if name in taken or name in given)  # fmt: skip
@@ -474,11 +480,9 @@ def check_eval_config(cfg: EvalConfig) -> EvalConfig:
         ("batch_size", cfg.batch_size >= 1, "≥ 1"),
         ("max_problems", cfg.max_problems is None or cfg.max_problems >= 1, "≥ 1"),
         ("datasets", len(cfg.datasets) >= 1, "at least one hub id or file"),
-        ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "auto, cpu, cuda or cuda:N"),
+        ("device", DEVICE.fullmatch(cfg.device) is not None, "auto, cpu, cuda or cuda:N"),
     ]
-    for name, holds, allowed in rules:
-        if not holds:
-            raise UsageError(f"{flag(name)} {getattr(cfg, name)}: must be {allowed}")
+    refuse_broken(cfg, rules)
     check_model_source("model", cfg.model)
     for source in cfg.datasets:
         check_dataset_source("datasets", source)

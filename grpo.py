@@ -137,7 +137,6 @@ def policy_loss(
     cap: float = 2.0,
     ratio_level: str = "token",
     classes: th.Tensor | None = None,
-    num_classes: int = 3,
 ) -> tuple[th.Tensor, dict]:
     """Clipped policy-gradient loss with optional KL to a reference policy, optionally corrected for the sampler.
 
@@ -165,8 +164,8 @@ def policy_loss(
     Pass the whole step's N_tok / N_seq when the step runs as micro-batches (or ranks): the gradient is then the same.
 
     Shapes: logp, old_logp, ref_logp, mask (B, T); advantages (B,). Returns the loss and detached statistics; with
-    `classes` (B, T) in [0, num_classes) also stats["by_class"], (num_classes, 4) sums over each class's tokens of
-    [1, low clip, high clip, ρ] (the reasoning-vocabulary diagnostics)."""
+    `classes` (B, T), indices into policy.CLASSES, also stats["by_class"], (len(CLASSES), 4) sums over each class's
+    tokens of [1, low clip, high clip, ρ] (the reasoning-vocabulary diagnostics)."""
     B, T = logp.shape
     mask = mask.to(logp.dtype)
     log_ratio = logp - old_logp  # (B, T)
@@ -210,7 +209,7 @@ def policy_loss(
         }
         if classes is not None:
             counted = th.stack([mask, low, high, ratio * mask], -1)  # (B, T, 4)
-            stats["by_class"] = th.einsum("btk,btf->kf", F.one_hot(classes, num_classes).to(mask.dtype), counted)
+            stats["by_class"] = th.einsum("btk,btf->kf", F.one_hot(classes, len(CLASSES)).to(mask.dtype), counted)
         if sampler_logp is not None:  # how far the sampler is from the trainer: k3 estimate of KL(π_s ‖ π_old)
             d = old_logp.detach() - sampler_logp
             stats["sampler_kl"] = float(((d.exp() - d - 1) * mask).sum() / n)
@@ -406,8 +405,9 @@ def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adju
     loss_mask = r.completion_mask.clone()
     if cfg.drop_truncated:
         loss_mask[r.truncated] = 0
+    uniform = uniform_groups(rewards, G)  # (num_prompts,)
     if cfg.skip_uniform_groups or cfg.resample_rounds:
-        loss_mask[uniform_groups(rewards, G).repeat_interleave(G)] = 0
+        loss_mask[uniform.repeat_interleave(G)] = 0
     classes = token_classes(r.completion_ids, r.start_inside, adjust)  # (B, T) | None: the diagnostics' classes
     t1 = time.perf_counter()
 
@@ -424,7 +424,7 @@ def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adju
     if sampler is not model:
         copy_weights(sampler, model)
     return {"rollout": r, "batch": batch, "answers": [ex.answer for ex in batch for _ in range(G)],
-            "rewards": rewards, "advantages": advantages, "accuracy": accuracy, "stats": stats,
+            "rewards": rewards, "advantages": advantages, "uniform": uniform, "accuracy": accuracy, "stats": stats,
             "classes": classes, "loss_mask": loss_mask, "resample_rounds": rounds,
             "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1, "t0": t0}  # fmt: skip
 

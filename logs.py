@@ -27,8 +27,7 @@ def step_metrics(step: int, out: dict, group_size: int, model, adjust: LogitAdju
     accuracy = all_gather_cat(th.tensor(out["accuracy"], dtype=th.float32, device=device))
     truncated = all_gather_cat(r.truncated.float())
     entropy_sum = all_reduce_sum((r.entropy * r.completion_mask).sum().reshape(1).float())
-    grouped = rewards.view(-1, group_size)
-    uniform = grouped.max(-1).values == grouped.min(-1).values  # (num_prompts,) over every rank
+    uniform = all_gather_cat(out["uniform"].float()).bool()  # (num_prompts,) over every rank: grpo.uniform_groups
     in_loss = all_reduce_sum(
         out["loss_mask"].view(-1, group_size, out["loss_mask"].shape[1]).any(-1).any(-1).sum().reshape(1)
     )
