@@ -68,6 +68,9 @@ class Config:
     """Optional system message."""
     instruction: str = DEFAULT_INSTRUCTION
     """Appended to each problem."""
+    few_shot: tuple[str, ...] = ()
+    """Worked examples shown before every problem as earlier chat turns: PROBLEM RESPONSE [PROBLEM RESPONSE ...]
+    (the instruction is appended to each PROBLEM too). Take them from outside the evaluation problems."""
     enable_thinking: bool = True
     """Open a think block in the prompt where the chat template supports it."""
     max_prompt_len: int = 1024
@@ -195,39 +198,43 @@ class Config:
 
 PRESETS = {
     "none": Config(),
-    # ~5 minutes on 2 CPU cores with no hub access: SmolLM2-135M-Instruct learning to box a ± b. It learns the format,
-    # not arithmetic (README): a demo whose held-out accuracy rises is still open (#14).
+    # ~4 minutes on 2 CPU cores with no hub access: SmolLM2-135M-Instruct on "What is a ± b?" (operands 0-9), shown one
+    # worked example whose answer (76) no problem has, so copying it earns nothing. It boxes an answer in about half of
+    # its replies at first (held-out pass@1 ~0.07); the reward pays only a correct box, and GRPO teaches it to box
+    # every answer (~0.33). It learns the answer format, not arithmetic (README, docs/demo.md).
     "demo": Config(
         preset="demo",
         model=smollm2_gguf(),
-        dataset="arithmetic",
-        instruction="For example, 2 + 3 = \\boxed{5}. Put your final answer in \\boxed{}.",  # SmolLM2 boxes ~1/3
+        dataset="arithmetic:9",
+        instruction="",
+        few_shot=("What is 31 + 45?", "31 + 45 = \\boxed{76}"),
         enable_thinking=False,
-        prompts_per_step=4,
-        group_size=4,
+        prompts_per_step=2,
+        group_size=8,
         temperature=0.8,
-        max_new_tokens=32,
+        max_new_tokens=16,
         max_prompt_len=128,
         micro_batch_size=16,
-        lr=2e-5,
+        lr=3e-5,
         warmup_steps=0,
-        format_weight=0.5,
-        steps=12,
-        save_every=6,
+        format_weight=0.0,
+        steps=16,
+        save_every=8,
         sample_every=4,
-        eval_every=6,  # at steps 0, 6 and 12 on 16 of arithmetic's held-out problems (its "test" split)
-        eval_dataset="arithmetic",
-        eval_max_problems=16,
+        eval_every=8,  # at steps 0, 8 and 16 on the 33 held-out problems of arithmetic:9 (its "test" split)
+        eval_dataset="arithmetic:9",
         output_dir="runs/demo",
     ),
 }
 
 
-# The same with a reasoning vocabulary: SmolLM2 gets think tags (vocab.add_think_tags), its prompt opens the block and
-# its first 1,024 regular tokens (ASCII, digits, operators, common pieces) get copies usable only inside it.
+# The same with a reasoning vocabulary: SmolLM2 gets think tags (vocab.add_think_tags), its prompt opens the block, the
+# worked example shows a closed one, and its first 1,024 regular tokens (ASCII, digits, operators, common pieces) get
+# copies usable only inside it.
 PRESETS["demo-reasoning"] = dataclasses.replace(
     PRESETS["demo"], preset="demo-reasoning", add_think_tags=True, enable_thinking=True, reasoning_vocab_size=1024,
-    max_new_tokens=48, output_dir="runs/demo-reasoning",
+    few_shot=("What is 31 + 45?", "<think>\n31 + 45 = 76\n</think>\n\n\\boxed{76}"), max_new_tokens=24,
+    output_dir="runs/demo-reasoning",
 )  # fmt: skip
 
 
@@ -258,6 +265,8 @@ class EvalConfig:
     """Optional system message (default: the checkpoint's, see above)."""
     instruction: str = DEFAULT_INSTRUCTION
     """Appended to each problem (default: the checkpoint's)."""
+    few_shot: tuple[str, ...] = ()
+    """Worked examples as earlier chat turns: PROBLEM RESPONSE [...] (default: the checkpoint's)."""
     enable_thinking: bool = True
     """Open a think block in the prompt where the chat template supports it (default: the checkpoint's)."""
     max_prompt_len: int = 1024
@@ -303,6 +312,7 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
         ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
         ("max_prompt_len", cfg.max_prompt_len >= 1, "≥ 1"),
+        ("few_shot", len(cfg.few_shot) % 2 == 0, f"PROBLEM RESPONSE pairs (got {len(cfg.few_shot)} texts)"),
         ("reasoning_vocab_size", cfg.reasoning_vocab_size >= -1, "≥ 0, or -1 for every regular token"),
         ("rollout_batch_size", cfg.rollout_batch_size >= 0, "≥ 0 (0 = every completion of the step at once)"),
         ("rollout_kv_gib", cfg.rollout_kv_gib >= 0, "≥ 0 (0 = no cap)"),
@@ -436,8 +446,8 @@ def cli_config(argv: list[str] | None = None) -> Config:
 
 # evaluate.py's options that a checkpoint's trainer_config.json supplies when not given (same names in Config;
 # max_new_tokens comes from the run's eval_max_new_tokens when it set one)
-TRAINED_OPTIONS = ("system_prompt", "instruction", "enable_thinking", "max_prompt_len", "temperature", "top_p",
-                   "max_new_tokens")  # fmt: skip
+TRAINED_OPTIONS = ("system_prompt", "instruction", "few_shot", "enable_thinking", "max_prompt_len", "temperature",
+                   "top_p", "max_new_tokens")  # fmt: skip
 
 
 def eval_cli_config(argv: list[str] | None = None) -> EvalConfig:
@@ -477,6 +487,7 @@ def check_eval_config(cfg: EvalConfig) -> EvalConfig:
         ("samples", cfg.samples >= 1, "≥ 1"),
         ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
         ("max_prompt_len", cfg.max_prompt_len >= 1, "≥ 1"),
+        ("few_shot", len(cfg.few_shot) % 2 == 0, f"PROBLEM RESPONSE pairs (got {len(cfg.few_shot)} texts)"),
         ("batch_size", cfg.batch_size >= 1, "≥ 1"),
         ("max_problems", cfg.max_problems is None or cfg.max_problems >= 1, "≥ 1"),
         ("datasets", len(cfg.datasets) >= 1, "at least one hub id or file"),

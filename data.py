@@ -275,24 +275,33 @@ def build_examples(
     *,
     system_prompt: str | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
+    few_shot: tuple[str, ...] = (),
     enable_thinking: bool = True,
     max_prompt_len: int = 1024,
 ) -> list[Example]:
     """Chat-template each row's problem into prompt ids; prompts over `max_prompt_len` tokens are dropped and counted.
+
+    `few_shot` (problem, response, problem, response, ...) become earlier user and assistant turns, each problem with
+    the instruction appended as to the row's own: a small model copies the responses' form.
 
     With enable_thinking=False and a template that always opens the think block (the thinking-only variant of
     Qwen3's template ignores the flag), the block is closed as Qwen3's own template does: "<think>\\n\\n</think>\\n\\n".
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat_template; use an instruct/chat tokenizer")
+    if len(few_shot) % 2:
+        raise UsageError(f"--few-shot: PROBLEM RESPONSE pairs, got {len(few_shot)} texts")
+
+    def ask(problem: str) -> dict:
+        if instruction and "\\boxed" not in problem:
+            problem = f"{problem}\n\n{instruction}"
+        return {"role": "user", "content": problem}
+
+    shots = [ask(text) if i % 2 == 0 else {"role": "assistant", "content": text} for i, text in enumerate(few_shot)]
     texts = []
     for row in rows:
-        user = row["problem"]
-        if instruction and "\\boxed" not in user:
-            user = f"{user}\n\n{instruction}"
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": user}
-        ]
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages = system + shots + [ask(row["problem"])]
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
         )
@@ -322,6 +331,7 @@ def load_examples(
     answer_field: str | None = None,
     system_prompt: str | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
+    few_shot: tuple[str, ...] = (),
     enable_thinking: bool = True,
     max_prompt_len: int = 1024,
     max_samples: int | None = None,
@@ -344,6 +354,7 @@ def load_examples(
         tokenizer,
         system_prompt=system_prompt,
         instruction=instruction,
+        few_shot=few_shot,
         enable_thinking=enable_thinking,
         max_prompt_len=max_prompt_len,
     )

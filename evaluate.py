@@ -255,6 +255,7 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
             answer_field=cfg.answer_field,
             system_prompt=cfg.system_prompt,
             instruction=cfg.instruction,
+            few_shot=cfg.few_shot,
             enable_thinking=cfg.enable_thinking,
             max_prompt_len=cfg.max_prompt_len,
             max_samples=cfg.max_problems,

@@ -581,7 +581,7 @@ def load_policy(cfg: Config, resume_from: Path | None, device: th.device):
 def load_prompts(cfg: Config, tokenizer, source: str, split: str, max_samples: int | None, **fields):
     """A dataset's problems as prompts built with the run's prompt options (data.load_examples)."""
     return data.load_examples(source, tokenizer, split=split, system_prompt=cfg.system_prompt,
-                              instruction=cfg.instruction, enable_thinking=cfg.enable_thinking,
+                              instruction=cfg.instruction, few_shot=cfg.few_shot, enable_thinking=cfg.enable_thinking,
                               max_prompt_len=cfg.max_prompt_len, max_samples=max_samples, seed=cfg.seed,
                               skip_bad_rows=cfg.skip_bad_rows, **fields)  # fmt: skip
 

@@ -481,7 +481,7 @@ def prompt_opens_think(run_dir: Path) -> bool | None:
     if tags is None or not getattr(tokenizer, "chat_template", None):
         return False
     config = run_config(run_dir)
-    options = {k: config[k] for k in ("system_prompt", "instruction", "enable_thinking") if k in config}
+    options = {k: config[k] for k in ("system_prompt", "instruction", "few_shot", "enable_thinking") if k in config}
     row = {"problem": "1 + 1", "answer": "2", "index": 0}
     example = data.build_examples([row], tokenizer, max_prompt_len=math.inf, **options)[0]
     return rvocab.opens_think(example.prompt_ids, *tags)

@@ -4,7 +4,8 @@ Scheme
 ------
 accuracy_reward(completion, answer) is 1.0 when the completion's final answer equals the gold answer, else 0.0:
 
-1. Only the text after the last ``</think>`` counts (an answer boxed inside the reasoning earns nothing).
+1. Only the text after the last ``</think>`` counts (an answer boxed inside the reasoning, or in a block reopened
+   after it, earns nothing).
 2. The final answer is the content of the *last* ``\\boxed{...}`` / ``\\fbox{...}`` / ``\\boxed x`` there
    (extract_boxed). No box, no reward: there is no fallback to "the last number in the text", which a policy
    learns to exploit.
@@ -114,10 +115,11 @@ def _nesting(s: str) -> int:
 
 
 def answer_part(completion: str) -> str:
-    """The text after the last ``</think>``; "" inside a never-closed ``<think>``; all of a tag-free completion."""
+    """The text after the last ``</think>`` up to a ``<think>`` that reopens a block; "" inside a never-closed
+    ``<think>``; all of a tag-free completion."""
     i = completion.rfind("</think>")
     if i >= 0:
-        return completion[i + len("</think>") :]
+        return completion[i + len("</think>") :].split("<think>", 1)[0]
     return "" if "<think>" in completion else completion
 
 

@@ -294,13 +294,14 @@ OPEN_THINK_TEMPLATE = (
 
 def add_think_tags(model, tokenizer) -> bool:
     """Give a tokenizer without think tags (SmolLM2's) `<think>` and `</think>` as special tokens, so that a reasoning
-    vocabulary can be gated. Each tag's new embedding row (and untied output row) is the mean of the rows of the
-    tokens its text splits into ("<", "think", ">"), so the model first reads it as that text; the chat template's
-    generation prompt opens the block (see OPEN_THINK_TEMPLATE) and the format reward teaches the model to close it.
-    Returns False, changing nothing, when the tokenizer has both tags already."""
+    vocabulary can be gated. Each tag's new embedding row (and untied output row) is a copy of the row of the first
+    token its text splits into ("</" for "</think>"): the model reads the tag as the start of its text and writes it
+    as often as it would start writing that text (measured on SmolLM2, docs/demo.md: it then closes the block after
+    a worked example shows one; with the mean of the pieces' rows it never did). The chat template's generation prompt
+    opens the block (see OPEN_THINK_TEMPLATE). Returns False, changing nothing, when the tokenizer has both tags."""
     if think_tag_ids(tokenizer) is not None:
         return False
-    pieces = {tag: tokenizer.encode(tag, add_special_tokens=False) for tag in (THINK, END_THINK)}
+    first_piece = {tag: tokenizer.encode(tag, add_special_tokens=False)[0] for tag in (THINK, END_THINK)}
     tokenizer.add_tokens([THINK, END_THINK], special_tokens=True)
     ids = [tokenizer.convert_tokens_to_ids(tag) for tag in (THINK, END_THINK)]
     if max(ids) >= model.get_input_embeddings().weight.shape[0]:
@@ -309,7 +310,7 @@ def add_think_tags(model, tokenizer) -> bool:
     with th.no_grad():
         for weight in layers:
             for tag, i in zip((THINK, END_THINK), ids, strict=True):
-                weight[i] = weight[pieces[tag]].mean(0)
+                weight[i] = weight[first_piece[tag]]
     tokenizer.chat_template = (tokenizer.chat_template or "") + OPEN_THINK_TEMPLATE
     return True
 

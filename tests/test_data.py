@@ -280,6 +280,19 @@ def test_prompt_system_no_duplicate_instruction_and_no_thinking(tiny_tokenizer):
     assert "<|im_start|>user\np<|im_end|>" in tiny_tokenizer.decode(ex.prompt_ids)
 
 
+def test_few_shot_examples_are_earlier_turns_with_the_instruction(tiny_tokenizer):
+    rows = [{"problem": "What is 3 + 4?", "answer": "7", "index": 0}]
+    shots = ("What is 31 + 45?", "31 + 45 = \\boxed{76}", "What is 9 - 2?", "9 - 2 = \\boxed{7}")
+    (ex,) = build_examples(rows, tiny_tokenizer, few_shot=shots, instruction="Box it.", enable_thinking=False)
+    assert tiny_tokenizer.decode(ex.prompt_ids) == (
+        "<|im_start|>user\nWhat is 31 + 45?\n\nBox it.<|im_end|>\n<|im_start|>assistant\n31 + 45 = \\boxed{76}<|im_end|>\n"
+        "<|im_start|>user\nWhat is 9 - 2?\n\nBox it.<|im_end|>\n<|im_start|>assistant\n9 - 2 = \\boxed{7}<|im_end|>\n"
+        "<|im_start|>user\nWhat is 3 + 4?\n\nBox it.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    with pytest.raises(UsageError, match="--few-shot: PROBLEM RESPONSE pairs, got 3 texts"):
+        build_examples(rows, tiny_tokenizer, few_shot=shots[:3])
+
+
 def test_tokenizer_without_chat_template(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 

@@ -431,10 +431,27 @@ def test_resume_off_starts_over(tmp_path, tiny_model_dir):
 def test_cli_parses_lr_and_presets():
     assert parse_args(["--lr", "3e-6"]).lr == 3e-6
     demo = parse_args(["--preset", "demo", "--steps", "3"])
-    assert demo.steps == 3 and demo.dataset == "arithmetic" and demo.model.endswith(".gguf")
+    assert demo.steps == 3 and demo.dataset == "arithmetic:9" and demo.model.endswith(".gguf")
     rv = parse_args(["--preset", "demo-reasoning"])
     assert rv.add_think_tags and rv.enable_thinking and rv.reasoning_vocab_size == 1024 and rv.model == demo.model
     assert parse_args([]) == Config()
+
+
+@pytest.mark.parametrize("preset", ["demo", "demo-reasoning"])
+def test_demo_example_is_not_held_out_and_copying_it_earns_nothing(preset):
+    """The demos' worked example is a problem of neither split, and its response scores 0 on every problem the demo
+    trains or evaluates on: copying the example cannot earn reward."""
+    import data
+    import reward
+
+    cfg = parse_args(["--preset", preset])
+    train, test = (data.load_rows(cfg.dataset, split=split) for split in ("train", "test"))
+    assert cfg.eval_dataset == cfg.dataset and not {r["problem"] for r in train + test} & set(cfg.few_shot[0::2])
+    for response in cfg.few_shot[1::2]:
+        assert reward.extract_boxed(reward.answer_part(response)) is not None  # it shows the answer format
+        assert reward.score([response] * len(train + test), [r["answer"] for r in train + test])[1] == [0.0] * len(
+            train + test
+        )
 
 
 def test_help_lists_every_field():

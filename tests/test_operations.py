@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
         (["--micro-batch-size", "0"], "--micro-batch-size 0: must be ≥ 1"),
         (["--reasoning-vocab-size", "-2"], "--reasoning-vocab-size -2: must be ≥ 0, or -1"),
         (["--eval-every", "5"], "--eval-every 5: must be 0 without --eval-dataset"),
+        (["--few-shot", "What is 1 + 1?"], "--few-shot ('What is 1 + 1?',): must be PROBLEM RESPONSE pairs (got 1"),
         (["--max-grad-norm", "nan"], "--max-grad-norm nan: must be"),
         (["--device", "gpu"], "--device gpu: must be auto, cpu, cuda or cuda:N"),
         (["--model", "/no/such/model"], "--model /no/such/model: no such directory or file"),
@@ -122,7 +123,8 @@ def test_help_and_option_errors_do_not_import_torch(script, tmp_path):
 
 def test_evaluate_uses_the_checkpoint_trainer_config_unless_given(tmp_path, tiny_model_dir, monkeypatch, capsys):
     trained = Config(model="x", instruction="Answer with a number.", system_prompt="Be brief.", enable_thinking=False,
-                     temperature=0.9, top_p=0.95, max_new_tokens=48, eval_max_new_tokens=5, max_prompt_len=200)  # fmt: skip
+                     temperature=0.9, top_p=0.95, max_new_tokens=48, eval_max_new_tokens=5, max_prompt_len=200,
+                     few_shot=("What is 9 + 9?", "\\boxed{18}"))  # fmt: skip
     (tiny_model_dir / "trainer_config.json").write_text(json.dumps(dataclasses.asdict(trained)))
     data = tmp_path / "p.jsonl"
     data.write_text(
@@ -139,6 +141,7 @@ def test_evaluate_uses_the_checkpoint_trainer_config_unless_given(tmp_path, tiny
         False,
     )
     assert (used["temperature"], used["max_new_tokens"], used["max_prompt_len"]) == (0.9, 5, 200)
+    assert used["few_shot"] == list(trained.few_shot)
     assert used["top_p"] == 1.0  # given on the command line: the flag wins
     printed = capsys.readouterr().out
     assert "is a training checkpoint" in printed and "temperature=0.9 (trainer_config.json)" in printed

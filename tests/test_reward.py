@@ -169,6 +169,8 @@ def test_wrong_answers_score_zero(pred, gold):
         (r"<think>\boxed{4}</think>\boxed{5}", "5", 1.0),
         (r"<think>\boxed{5}</think>\boxed{4}", "5", 0.0),
         (r"<think>a</think> b </think> \boxed{5}", "5", 1.0),  # only the part after the last </think>
+        (r"<think>a</think> <think>b \boxed{5}", "5", 0.0),  # a block reopened after the last </think>
+        (r"<think>a</think> \boxed{5} <think>b \boxed{4}", "5", 1.0),  # the box before the reopened block
         ("The answer is 5.", "5", 0.0),  # no box
         ("5", "5", 0.0),  # bare number, no box
         (r"$5$", "5", 0.0),
