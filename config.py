@@ -198,10 +198,10 @@ class Config:
 
 PRESETS = {
     "none": Config(),
-    # ~4 minutes on 2 CPU cores with no hub access: SmolLM2-135M-Instruct on "What is a ± b?" (operands 0-9), shown one
+    # ~4½ minutes on 2 CPU cores with no hub access: SmolLM2-135M-Instruct on "What is a ± b?" (operands 0-9), shown one
     # worked example whose answer (76) no problem has, so copying it earns nothing. It boxes an answer in about half of
-    # its replies at first (held-out pass@1 ~0.07); the reward pays only a correct box, and GRPO teaches it to box
-    # every answer (~0.33). It learns the answer format, not arithmetic (README, docs/demo.md).
+    # its replies at first (held-out pass@1 0.04-0.08); the reward pays only a correct box, and GRPO teaches it to box
+    # its answers (0.37-0.65 over three seeds). It learns the answer format, not arithmetic (README, docs/demo.md).
     "demo": Config(
         preset="demo",
         model=smollm2_gguf(),
@@ -221,7 +221,7 @@ PRESETS = {
         steps=16,
         save_every=8,
         sample_every=4,
-        eval_every=8,  # at steps 0, 8 and 16 on the 33 held-out problems of arithmetic:9 (its "test" split)
+        eval_every=16,  # at steps 0 and 16 on the 33 held-out problems of arithmetic:9 (its "test" split)
         eval_dataset="arithmetic:9",
         output_dir="runs/demo",
     ),

@@ -358,9 +358,11 @@ def update(
     totals = all_reduce_sum(totals)
     dlogp_max = all_reduce_max(dlogp_max)
     by_class = all_reduce_sum(by_class) if classes is not None else None
-    grad_norm = float(th.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    skipped = not math.isfinite(grad_norm)  # the same on every rank: the gradients are already summed
-    if skipped:  # a NaN/inf never reaches the weights
+    grad_norm = float(th.nn.utils.clip_grad_norm_(params, max_grad_norm))  # the same on every rank (summed grads)
+    # A NaN/inf never reaches the weights. A zero gradient (every group's rewards equal, β = 0) leaves the weights and
+    # AdamW's state as they are: AdamW would still move the weights along its momentum, with nothing new to learn.
+    skipped = not math.isfinite(grad_norm)
+    if skipped or grad_norm == 0.0:
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()

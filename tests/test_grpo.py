@@ -322,6 +322,25 @@ def test_non_finite_loss_skips_the_update():
     assert all(th.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_step_without_signal_leaves_weights_and_adamw_state_alone():
+    """After a step that learned something, a step whose groups all have equal rewards (advantages 0, β = 0) has a
+    zero gradient: AdamW would still move every weight along its momentum, so the step is not taken."""
+    adjust = plain_adjust(32)
+    model = tiny_model(32)
+    r = _rollout(model, adjust)
+    opt = th.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)
+    options = grpo.update_options(tiny_cfg())
+    adv = th.tensor([1.0, -1.0] * 4)
+    grpo.update(model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None, **options)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [float(state["step"]) for state in opt.state.values()]
+    stats = grpo.update(model, opt, r, th.zeros(8), adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
+                        **options)  # fmt: skip
+    assert stats["grad_norm"] == 0.0 and stats["skipped"] == 0.0
+    assert all(th.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert [float(state["step"]) for state in opt.state.values()] == steps == [1.0] * len(steps)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Learning
 
