@@ -70,7 +70,8 @@ class Config:
     """Appended to each problem."""
     few_shot: tuple[str, ...] = ()
     """Worked examples shown before every problem as earlier chat turns: PROBLEM RESPONSE [PROBLEM RESPONSE ...]
-    (the instruction is appended to each PROBLEM too). Take them from outside the evaluation problems."""
+    (the instruction is appended to each PROBLEM too). Take them from outside the evaluation problems. Templates that
+    strip earlier turns' reasoning (Qwen3's) show only a RESPONSE's text after </think>."""
     enable_thinking: bool = True
     """Open a think block in the prompt where the chat template supports it."""
     max_prompt_len: int = 1024
@@ -78,7 +79,7 @@ class Config:
     reasoning_vocab_size: int = 0
     """Reasoning-vocabulary copies of the first N regular tokens; 0 = baseline, -1 = every regular token."""
     add_think_tags: bool = False
-    """Give a tokenizer without <think>/</think> (SmolLM2) the two tags, with rows initialised from their text, and a
+    """Give a tokenizer without <think>/</think> (SmolLM2) the two tags, each row copied from its text's first piece's, and a
     chat template that opens the think block (see vocab.add_think_tags)."""
     reasoning_offset: bool = True
     """Subtract log(1 + m_s) from each instance of a copied token inside think (step-0 invariance); off = ablation."""
@@ -198,7 +199,7 @@ class Config:
 
 PRESETS = {
     "none": Config(),
-    # ~4½ minutes on 2 CPU cores with no hub access: SmolLM2-135M-Instruct on "What is a ± b?" (operands 0-9), shown one
+    # ~4 minutes on 2 CPU cores with no hub access: SmolLM2-135M-Instruct on "What is a ± b?" (operands 0-9), shown one
     # worked example whose answer (76) no problem has, so copying it earns nothing. It boxes an answer in about half of
     # its replies at first (held-out pass@1 0.04-0.08); the reward pays only a correct box, and GRPO teaches it to box
     # its answers (0.37-0.65 over three seeds). It learns the answer format, not arithmetic (README, docs/demo.md).
@@ -312,7 +313,11 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
         ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
         ("max_prompt_len", cfg.max_prompt_len >= 1, "≥ 1"),
-        ("few_shot", len(cfg.few_shot) % 2 == 0, f"PROBLEM RESPONSE pairs (got {len(cfg.few_shot)} texts)"),
+        (
+            "few_shot",
+            len(cfg.few_shot) % 2 == 0,
+            f"an even number of texts (PROBLEM RESPONSE pairs), got {len(cfg.few_shot)}",
+        ),
         ("reasoning_vocab_size", cfg.reasoning_vocab_size >= -1, "≥ 0, or -1 for every regular token"),
         ("rollout_batch_size", cfg.rollout_batch_size >= 0, "≥ 0 (0 = every completion of the step at once)"),
         ("rollout_kv_gib", cfg.rollout_kv_gib >= 0, "≥ 0 (0 = no cap)"),
@@ -471,7 +476,8 @@ def with_training_options(cfg: EvalConfig, given: set[str]) -> EvalConfig:
         raise UsageError(f"{path}: unreadable ({e})") from None
     if trained.get("eval_max_new_tokens"):
         trained["max_new_tokens"] = trained["eval_max_new_tokens"]
-    taken = {name: trained[name] for name in TRAINED_OPTIONS if name not in given and name in trained}
+    taken = {name: tuple(v) if isinstance(v := trained[name], list) else v  # JSON has lists; the config, tuples
+             for name in TRAINED_OPTIONS if name not in given and name in trained}  # fmt: skip
     cfg = dataclasses.replace(cfg, **taken)
     shown = ", ".join(f"{name}={getattr(cfg, name)!r} ({'trainer_config.json' if name in taken else 'given'})"
                       for name in TRAINED_OPTIONS if name in taken or name in given)  # fmt: skip
@@ -487,7 +493,11 @@ def check_eval_config(cfg: EvalConfig) -> EvalConfig:
         ("samples", cfg.samples >= 1, "≥ 1"),
         ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
         ("max_prompt_len", cfg.max_prompt_len >= 1, "≥ 1"),
-        ("few_shot", len(cfg.few_shot) % 2 == 0, f"PROBLEM RESPONSE pairs (got {len(cfg.few_shot)} texts)"),
+        (
+            "few_shot",
+            len(cfg.few_shot) % 2 == 0,
+            f"an even number of texts (PROBLEM RESPONSE pairs), got {len(cfg.few_shot)}",
+        ),
         ("batch_size", cfg.batch_size >= 1, "≥ 1"),
         ("max_problems", cfg.max_problems is None or cfg.max_problems >= 1, "≥ 1"),
         ("datasets", len(cfg.datasets) >= 1, "at least one hub id or file"),

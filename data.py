@@ -282,7 +282,8 @@ def build_examples(
     """Chat-template each row's problem into prompt ids; prompts over `max_prompt_len` tokens are dropped and counted.
 
     `few_shot` (problem, response, problem, response, ...) become earlier user and assistant turns, each problem with
-    the instruction appended as to the row's own: a small model copies the responses' form.
+    the instruction appended as to the row's own: a small model copies the responses' form. Templates that strip
+    earlier turns' reasoning (Qwen3's) keep only a response's text after </think>.
 
     With enable_thinking=False and a template that always opens the think block (the thinking-only variant of
     Qwen3's template ignores the flag), the block is closed as Qwen3's own template does: "<think>\\n\\n</think>\\n\\n".
@@ -290,7 +291,7 @@ def build_examples(
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat_template; use an instruct/chat tokenizer")
     if len(few_shot) % 2:
-        raise UsageError(f"--few-shot: PROBLEM RESPONSE pairs, got {len(few_shot)} texts")
+        raise UsageError(f"--few-shot: must be an even number of texts (PROBLEM RESPONSE pairs), got {len(few_shot)}")
 
     def ask(problem: str) -> dict:
         if instruction and "\\boxed" not in problem:

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def group_advantages(rewards: th.Tensor, group_size: int, scale: str = "group", 
     if scale == "group" and group_size < 2:
         raise ValueError("scale='group' needs group_size ≥ 2 (a one-sample group has no std)")
     r = rewards.float().view(-1, group_size)  # (num_prompts, G)
-    centered = r - r.mean(-1, keepdim=True)
+    # Exactly 0 where a group's rewards are equal (0.3 − mean(0.3, …) is not 0 in float32): no step on rounding noise.
+    centered = th.where(uniform_groups(rewards, group_size)[:, None], 0.0, r - r.mean(-1, keepdim=True))
     if scale == "group":
         centered = centered / (r.std(-1, keepdim=True) + eps)
     elif scale == "batch":
@@ -319,9 +321,9 @@ def update(
     autocast: bool = False,
     classes: th.Tensor | None = None,
 ) -> dict:
-    """One optimizer step: gradients accumulated over micro-batches (and summed over ranks), with the loss normalised
-    by the token and sequence counts of the whole step on all ranks (a row without a loss token counts in neither),
-    so the update equals one process's on the global batch. eps_low, eps_high, beta, loss_type, max_len and
+    """One optimizer step (none when the gradient is non-finite or exactly 0): gradients accumulated over micro-batches
+    (and summed over ranks), with the loss normalised by the token and sequence counts of the whole step on all ranks
+    (a row without a loss token counts in neither), so the update equals one process's on the global batch. eps_low, eps_high, beta, loss_type, max_len and
     ratio_level are `policy_loss`'s; the sampler correction weighs by the rollout's own log-probs (r.logp, the
     sampler's). With `classes` (B, T) (policy.token_classes) the result has "by_class", policy_loss's sums over the
     whole step.
@@ -359,8 +361,8 @@ def update(
     dlogp_max = all_reduce_max(dlogp_max)
     by_class = all_reduce_sum(by_class) if classes is not None else None
     grad_norm = float(th.nn.utils.clip_grad_norm_(params, max_grad_norm))  # the same on every rank (summed grads)
-    # A NaN/inf never reaches the weights. A zero gradient (every group's rewards equal, β = 0) leaves the weights and
-    # AdamW's state as they are: AdamW would still move the weights along its momentum, with nothing new to learn.
+    # A NaN/inf never reaches the weights. A zero gradient (e.g. every group's rewards equal and β = 0) leaves the weights
+    # and AdamW's state (and its decoupled weight decay) as they are: AdamW would still move them along its momentum.
     skipped = not math.isfinite(grad_norm)
     if skipped or grad_norm == 0.0:
         optimizer.zero_grad(set_to_none=True)
@@ -533,7 +535,9 @@ def train(cfg: Config, score_fn=None) -> Path:
         if out is None:  # preempted during the rollout
             break
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        with warnings.catch_warnings():  # a first step with a zero gradient took no optimizer step: the order is right
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            scheduler.step()
         step += 1
         if usage is not None:  # how often each reasoning copy has been sampled, over the run
             usage += copy_usage(out["rollout"], vocab).cpu()

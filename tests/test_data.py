@@ -289,7 +289,9 @@ def test_few_shot_examples_are_earlier_turns_with_the_instruction(tiny_tokenizer
         "<|im_start|>user\nWhat is 9 - 2?\n\nBox it.<|im_end|>\n<|im_start|>assistant\n9 - 2 = \\boxed{7}<|im_end|>\n"
         "<|im_start|>user\nWhat is 3 + 4?\n\nBox it.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     )
-    with pytest.raises(UsageError, match="--few-shot: PROBLEM RESPONSE pairs, got 3 texts"):
+    with pytest.raises(
+        UsageError, match=r"--few-shot: must be an even number of texts \(PROBLEM RESPONSE pairs\), got 3"
+    ):
         build_examples(rows, tiny_tokenizer, few_shot=shots[:3])
 
 

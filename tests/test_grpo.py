@@ -334,7 +334,9 @@ def test_step_without_signal_leaves_weights_and_adamw_state_alone():
     grpo.update(model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None, **options)
     before = [p.detach().clone() for p in model.parameters()]
     steps = [float(state["step"]) for state in opt.state.values()]
-    stats = grpo.update(model, opt, r, th.zeros(8), adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
+    equal = group_advantages(th.full((8,), 0.3), 4)  # 0.3 − mean: float32 rounding must not leave a signal
+    assert th.equal(equal, th.zeros(8))
+    stats = grpo.update(model, opt, r, equal, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
                         **options)  # fmt: skip
     assert stats["grad_norm"] == 0.0 and stats["skipped"] == 0.0
     assert all(th.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -454,6 +456,14 @@ def test_cli_parses_lr_and_presets():
     rv = parse_args(["--preset", "demo-reasoning"])
     assert rv.add_think_tags and rv.enable_thinking and rv.reasoning_vocab_size == 1024 and rv.model == demo.model
     assert parse_args([]) == Config()
+
+
+def test_training_prompts_show_the_worked_examples(tiny_tokenizer):
+    cfg = Config(model="x", instruction="", enable_thinking=False, few_shot=("What is 31 + 45?", "\\boxed{76}"))
+    examples = grpo.load_prompts(cfg, tiny_tokenizer, "arithmetic:9", "test", None)
+    assert "What is 31 + 45?<|im_end|>\n<|im_start|>assistant\n\\boxed{76}<|im_end|>" in tiny_tokenizer.decode(
+        examples[0].prompt_ids
+    )
 
 
 @pytest.mark.parametrize("preset", ["demo", "demo-reasoning"])

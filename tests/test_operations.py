@@ -43,7 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
         (["--micro-batch-size", "0"], "--micro-batch-size 0: must be ≥ 1"),
         (["--reasoning-vocab-size", "-2"], "--reasoning-vocab-size -2: must be ≥ 0, or -1"),
         (["--eval-every", "5"], "--eval-every 5: must be 0 without --eval-dataset"),
-        (["--few-shot", "What is 1 + 1?"], "--few-shot ('What is 1 + 1?',): must be PROBLEM RESPONSE pairs (got 1"),
+        (
+            ["--few-shot", "What is 1 + 1?"],
+            "--few-shot ('What is 1 + 1?',): must be an even number of texts (PROBLEM RESPONSE pairs), got 1",
+        ),
         (["--max-grad-norm", "nan"], "--max-grad-norm nan: must be"),
         (["--device", "gpu"], "--device gpu: must be auto, cpu, cuda or cuda:N"),
         (["--model", "/no/such/model"], "--model /no/such/model: no such directory or file"),
@@ -131,6 +134,10 @@ def test_evaluate_uses_the_checkpoint_trainer_config_unless_given(tmp_path, tiny
         "".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3))
     )
     monkeypatch.setattr(evaluate, "PROGRESS_EVERY", 1e-9)  # a progress line at every decode step
+    shown, build = [], evaluate.data.build_examples  # the worked examples the prompts were built with
+    monkeypatch.setattr(
+        evaluate.data, "build_examples", lambda *a, **kw: shown.append(kw["few_shot"]) or build(*a, **kw)
+    )
     out = tmp_path / "eval"
     evaluate.main(["--model", str(tiny_model_dir), "--datasets", str(data), "--samples", "2", "--top-p", "1.0",
                    "--output-dir", str(out), "--device", "cpu"])  # fmt: skip
@@ -141,7 +148,7 @@ def test_evaluate_uses_the_checkpoint_trainer_config_unless_given(tmp_path, tiny
         False,
     )
     assert (used["temperature"], used["max_new_tokens"], used["max_prompt_len"]) == (0.9, 5, 200)
-    assert used["few_shot"] == list(trained.few_shot)
+    assert used["few_shot"] == list(trained.few_shot) and shown == [trained.few_shot]
     assert used["top_p"] == 1.0  # given on the command line: the flag wins
     printed = capsys.readouterr().out
     assert "is a training checkpoint" in printed and "temperature=0.9 (trainer_config.json)" in printed
