@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 import warnings
 from functools import partial
@@ -536,7 +537,7 @@ def train(cfg: Config, score_fn=None) -> Path:
             break
         lr = scheduler.get_last_lr()[0]
         with warnings.catch_warnings():  # a first step with a zero gradient took no optimizer step: the order is right
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             scheduler.step()
         step += 1
         if usage is not None:  # how often each reasoning copy has been sampled, over the run
