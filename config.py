@@ -79,8 +79,8 @@ class Config:
     reasoning_vocab_size: int = 0
     """Reasoning-vocabulary copies of the first N regular tokens; 0 = baseline, -1 = every regular token."""
     add_think_tags: bool = False
-    """Give a tokenizer without <think>/</think> (SmolLM2) the two tags, each row copied from its text's first piece's, and a
-    chat template that opens the think block (see vocab.add_think_tags)."""
+    """Give a tokenizer without <think>/</think> (SmolLM2) the two tags, each row copied from its text's first
+    piece's, and a chat template that opens the think block (see vocab.add_think_tags)."""
     reasoning_offset: bool = True
     """Subtract log(1 + m_s) from each instance of a copied token inside think (step-0 invariance); off = ablation."""
 
@@ -313,11 +313,7 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
         ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
         ("max_prompt_len", cfg.max_prompt_len >= 1, "≥ 1"),
-        (
-            "few_shot",
-            len(cfg.few_shot) % 2 == 0,
-            f"an even number of texts (PROBLEM RESPONSE pairs), got {len(cfg.few_shot)}",
-        ),
+        few_shot_rule(cfg.few_shot),
         ("reasoning_vocab_size", cfg.reasoning_vocab_size >= -1, "≥ 0, or -1 for every regular token"),
         ("rollout_batch_size", cfg.rollout_batch_size >= 0, "≥ 0 (0 = every completion of the step at once)"),
         ("rollout_kv_gib", cfg.rollout_kv_gib >= 0, "≥ 0 (0 = no cap)"),
@@ -366,6 +362,11 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "Qwen/Qwen3-0.6B", "gpt2"
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def few_shot_rule(few_shot) -> tuple[str, bool, str]:
+    """The (option, holds, what is allowed) rule on --few-shot, in grpo.py, evaluate.py and data.build_examples."""
+    return "few_shot", len(few_shot) % 2 == 0, f"an even number of texts (PROBLEM RESPONSE pairs), got {len(few_shot)}"
 
 
 def refuse_broken(cfg, rules: list[tuple[str, bool, str]]) -> None:
@@ -493,11 +494,7 @@ def check_eval_config(cfg: EvalConfig) -> EvalConfig:
         ("samples", cfg.samples >= 1, "≥ 1"),
         ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
         ("max_prompt_len", cfg.max_prompt_len >= 1, "≥ 1"),
-        (
-            "few_shot",
-            len(cfg.few_shot) % 2 == 0,
-            f"an even number of texts (PROBLEM RESPONSE pairs), got {len(cfg.few_shot)}",
-        ),
+        few_shot_rule(cfg.few_shot),
         ("batch_size", cfg.batch_size >= 1, "≥ 1"),
         ("max_problems", cfg.max_problems is None or cfg.max_problems >= 1, "≥ 1"),
         ("datasets", len(cfg.datasets) >= 1, "at least one hub id or file"),

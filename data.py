@@ -28,7 +28,7 @@ from typing import Any
 
 import torch as th
 
-from config import DEFAULT_INSTRUCTION, UsageError
+from config import DEFAULT_INSTRUCTION, UsageError, few_shot_rule, flag
 from reward import extract_boxed
 
 log = logging.getLogger(__name__)
@@ -290,8 +290,9 @@ def build_examples(
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat_template; use an instruct/chat tokenizer")
-    if len(few_shot) % 2:
-        raise UsageError(f"--few-shot: must be an even number of texts (PROBLEM RESPONSE pairs), got {len(few_shot)}")
+    name, holds, allowed = few_shot_rule(few_shot)
+    if not holds:
+        raise UsageError(f"{flag(name)}: must be {allowed}")
 
     def ask(problem: str) -> dict:
         if instruction and "\\boxed" not in problem:

@@ -324,9 +324,9 @@ def update(
 ) -> dict:
     """One optimizer step (none when the gradient is non-finite or exactly 0): gradients accumulated over micro-batches
     (and summed over ranks), with the loss normalised by the token and sequence counts of the whole step on all ranks
-    (a row without a loss token counts in neither), so the update equals one process's on the global batch. eps_low, eps_high, beta, loss_type, max_len and
-    ratio_level are `policy_loss`'s; the sampler correction weighs by the rollout's own log-probs (r.logp, the
-    sampler's). With `classes` (B, T) (policy.token_classes) the result has "by_class", policy_loss's sums over the
+    (a row without a loss token counts in neither), so the update equals one process's on the global batch. eps_low,
+    eps_high, beta, loss_type, max_len and ratio_level are `policy_loss`'s; the sampler correction weighs by the
+    rollout's own log-probs (r.logp, the sampler's). With `classes` (B, T) (policy.token_classes) the result has "by_class", policy_loss's sums over the
     whole step.
 
     old_logp None means one update per rollout: π_old is the detached current policy (ρ = 1 in value)."""
@@ -362,8 +362,9 @@ def update(
     dlogp_max = all_reduce_max(dlogp_max)
     by_class = all_reduce_sum(by_class) if classes is not None else None
     grad_norm = float(th.nn.utils.clip_grad_norm_(params, max_grad_norm))  # the same on every rank (summed grads)
-    # A NaN/inf never reaches the weights. A zero gradient (e.g. every group's rewards equal and β = 0) leaves the weights
-    # and AdamW's state (and its decoupled weight decay) as they are: AdamW would still move them along its momentum.
+    # A NaN/inf never reaches the weights. A zero gradient (e.g. every group's rewards equal and β = 0) leaves the
+    # weights and AdamW's state (its decoupled weight decay too) as they are: AdamW would still move them along its
+    # momentum.
     skipped = not math.isfinite(grad_norm)
     if skipped or grad_norm == 0.0:
         optimizer.zero_grad(set_to_none=True)

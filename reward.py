@@ -62,8 +62,9 @@ _THREAD_DEADLINE_S = _PARSE_TIMEOUT_S + _VERIFY_TIMEOUT_S  # one budget per call
 
 # Box start: \boxed or \fbox not followed by a letter (so \boxedfoo is a different command).
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-# "3 + 8" for 11: a sum, difference or product of plain numbers restates the question instead of answering it (math-verify
-# would count it equal); a candidate arithmetic demo's model learned to copy the problem into the box. Fractions stay answers.
+# "3 + 8" for 11: a sum, difference or product of plain numbers restates the question instead of answering it
+# (math-verify would count it equal); a candidate arithmetic demo's model learned to copy the problem into the box.
+# Fractions stay answers.
 _UNEVALUATED_RE = re.compile(r"-?\d+(?:\.\d+)?(?:\s*(?:[-+*×·]|\\times|\\cdot)\s*-?\d+(?:\.\d+)?)+")
 _BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)  # escaped characters (\{, \}) don't count as braces
 
