@@ -98,9 +98,9 @@ class Config:
     rollout_batch_size: int = 64
     """Sequences decoding at once (the engine's slots): a finished one's slot is refilled with the next waiting
     completion; 0 = all of the step's at once."""
-    rollout_kv_gib: float = 0.0
-    """Cap the slots so that the engine's KV cache (prompt + max_new_tokens per slot) fits in this many GiB; 0 = no
-    cap."""
+    rollout_kv_gib: float | Literal["auto"] = "auto"
+    """GiB of the engine's KV cache, allocated once for the run (prompt + max_new_tokens per slot): it caps the slots;
+    'auto' = what the memory plan gives it (grpo.py --plan); 0 = no cap (a cache for every slot asked for)."""
 
     # Objective
     beta: float = 0.0
@@ -150,12 +150,16 @@ class Config:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
+    micro_batch_tokens: int | Literal["auto"] = "auto"
+    """Tokens per forward/backward in the update: (prompt + completion) sequences packed without padding into rows of
+    at most this many (grpo.micro_batches); 'auto' = what the memory plan leaves (grpo.py --plan); 0 = padded
+    micro-batches of --micro-batch-size sequences. Gradients are accumulated over the step either way."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward (memory); gradients are accumulated over the step."""
+    """Sequences per padded forward/backward, with --micro-batch-tokens 0."""
     logprob_chunk: int = 256
     """Completion positions per lm_head chunk in training log-probs (memory)."""
-    gradient_checkpointing: bool = False
-    """Recompute decoder layers in backward (memory)."""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Recompute decoder layers in backward (memory); 'auto' = on when the memory plan says activations would not fit."""
     steps: int = 1000
     """Optimizer steps (rollouts) in total."""
     seed: int = 0
@@ -181,6 +185,15 @@ class Config:
     bf16: bool = True
     """On GPU: sample from a bf16 copy of the policy (refreshed after every optimizer step) and run the training
     decoder body under bf16 autocast; master weights, output layer and log-probs stay fp32."""
+
+    plan: bool = False
+    """Print the memory plan for these options (memory.py: weights, optimizer, KV cache, update activations, and the
+    'auto' choices) and exit; reads the model's config only, no weights."""
+    plan_memory_gib: float | None = None
+    """With --plan: plan for a GPU of this many GiB (e.g. 80) instead of this machine's device."""
+    dist_timeout: int = 7200
+    """Seconds a rank waits for the others at a collective (process-group timeout) before the job fails: long enough
+    for rank 0 writing a checkpoint or a slow evaluation while the others wait (torch's default is 10 minutes)."""
 
     # Held-out evaluation during training (evaluate.py): the same sampler, policy and reward as the rollouts
     eval_every: int = 0
@@ -316,7 +329,12 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         few_shot_rule(cfg.few_shot),
         ("reasoning_vocab_size", cfg.reasoning_vocab_size >= -1, "≥ 0, or -1 for every regular token"),
         ("rollout_batch_size", cfg.rollout_batch_size >= 0, "≥ 0 (0 = every completion of the step at once)"),
-        ("rollout_kv_gib", cfg.rollout_kv_gib >= 0, "≥ 0 (0 = no cap)"),
+        ("rollout_kv_gib", cfg.rollout_kv_gib == "auto" or cfg.rollout_kv_gib >= 0, "≥ 0 (0 = no cap) or auto"),
+        (
+            "micro_batch_tokens",
+            cfg.micro_batch_tokens == "auto" or cfg.micro_batch_tokens >= 0,
+            "≥ 0 (0 = padded micro-batches of --micro-batch-size) or auto",
+        ),
         ("beta", cfg.beta >= 0, "≥ 0"),
         ("eps_low", 0 <= cfg.eps_low < 1, "in [0, 1)"),
         ("eps_high", cfg.eps_high >= 0, "≥ 0"),
@@ -333,6 +351,8 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         ("micro_batch_size", cfg.micro_batch_size >= 1, "≥ 1"),
         ("logprob_chunk", cfg.logprob_chunk >= 1, "≥ 1"),
         ("steps", cfg.steps >= 1, "≥ 1"),
+        ("plan_memory_gib", cfg.plan_memory_gib is None or cfg.plan_memory_gib > 0, "> 0 (GiB)"),
+        ("dist_timeout", cfg.dist_timeout >= 1, "≥ 1 (seconds)"),
         ("save_every", cfg.save_every >= 0, "≥ 0 (0 = only at the end)"),
         ("keep_last", cfg.keep_last >= 0, "≥ 0"),
         ("sample_every", cfg.sample_every >= 0, "≥ 0 (0 = never)"),
@@ -351,7 +371,7 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
     resuming = cfg.resume != "off" and (
         cfg.resume != "auto" or any((Path(cfg.output_dir) / "checkpoints").glob("step_*"))
     )
-    if not resuming:  # a resumed run loads the checkpoint, not --model
+    if not resuming and not cfg.plan:  # a resumed run loads the checkpoint, not --model; --plan says what it misses
         check_model_source("model", cfg.model)
     check_dataset_source("dataset", cfg.dataset)
     if cfg.eval_dataset:

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import torch as th
@@ -103,15 +104,16 @@ def gpu_unusable(name: str) -> str:
 _device = th.device("cpu")  # the collectives' device (CUDA under NCCL), set by setup_distributed
 
 
-def setup_distributed(device_name: str = "auto") -> th.device:
-    """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU); pick the device."""
+def setup_distributed(device_name: str = "auto", timeout_s: float = 7200) -> th.device:
+    """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU); pick the device.
+    `timeout_s`: how long a collective waits for the slowest rank (rank 0 writing a checkpoint, an evaluation)."""
     global _device
     device = pick_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             device = th.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             th.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     _device = device
     return device
 
@@ -147,7 +149,11 @@ def stop_requested() -> bool:
     return _preempted.is_set()
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank. A collective: every rank calls it at the same points."""
+    return bool(all_reduce_sum(th.tensor([float(flag)], device=_device)) > 0)
+
+
 def preempted() -> bool:
     """Whether any rank has received a preemption signal. A collective: every rank calls it at the same points."""
-    flag = th.tensor([float(_preempted.is_set())], device=_device)
-    return bool(all_reduce_sum(flag) > 0)
+    return any_rank(_preempted.is_set())

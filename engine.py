@@ -38,12 +38,11 @@ class Step:
     """What `engine_attention` needs for one forward of the body: the cache, each row's slot and where its new
     tokens start. Prefill rows start empty and are right-padded; decode rows add one token each."""
 
-    cache: list  # per layer: [K, V], each (S, KV_H, L, D), allocated at the first write
+    cache: list  # per layer: [K, V], each (S, KV_H, L, D) (new_cache)
     slots: th.Tensor  # (B,) long
     starts: th.Tensor  # (B,) long: tokens already in each row's cache (0 for prefill)
     prefill: bool
     live: int  # max over rows of (start + new tokens): the context length attention reads
-    shape: tuple[int, int]  # (S, L): slots and tokens per slot
     leading: bool = False  # the rows are slots 0 … B−1 in order: read the cache as a view, not a gather
 
 
@@ -58,14 +57,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError("engine_attention runs only inside engine.generate")
     if kw.get("sliding_window"):
         raise NotImplementedError("the rollout engine attends over the whole context: no sliding-window layers")
-    layer = s.cache[module.layer_idx]
-    if not layer:  # allocate this layer's cache in the dtype the body produces (bf16 weights → bf16 KV)
-        S, L = s.shape
-        layer += [
-            key.new_zeros(S, key.shape[1], L, key.shape[3]),
-            value.new_zeros(S, value.shape[1], L, value.shape[3]),
-        ]
-    K, V = layer
+    K, V = s.cache[module.layer_idx]
     if s.prefill:
         T = key.shape[2]
         K[s.slots, :, :T] = key
@@ -109,7 +101,7 @@ def slots_for(model, kv_gib: float, tokens_per_slot: int, dtype: th.dtype) -> in
     c = model.config.get_text_config()
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * th.finfo(dtype).bits // 8
-    return max(1, int(kv_gib * 2**30) // (per_token * tokens_per_slot))
+    return max(1, round(kv_gib * 2**30) // (per_token * tokens_per_slot))
 
 
 def slot_count(model, slots: int, jobs: int, kv_gib: float, tokens_per_slot: int) -> int:
@@ -118,6 +110,17 @@ def slot_count(model, slots: int, jobs: int, kv_gib: float, tokens_per_slot: int
     if kv_gib > 0:
         slots = min(slots, slots_for(model, kv_gib, tokens_per_slot, next(model.parameters()).dtype))
     return slots
+
+
+def new_cache(model, slots: int, tokens: int) -> list:
+    """The engine's KV cache for `slots` sequences of up to `tokens` tokens: per layer [K, V], each (slots, KV_H,
+    tokens, D) in the model's dtype. Allocated once for a training run and handed to every rollout and evaluation
+    (`generate(cache=...)`), so no rollout allocates (and fragments) tens of GiB afresh."""
+    c = model.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    p = next(model.parameters())
+    shape = (slots, c.num_key_value_heads, tokens, head_dim)
+    return [[p.new_zeros(shape), p.new_zeros(shape)] for _ in range(c.num_hidden_layers)]
 
 
 @th.no_grad()
@@ -132,20 +135,28 @@ def generate(
     pad_id: int,
     slots: int = 0,
     refill: bool = True,
+    compact: bool = True,
     top_p: float = 1.0,
     greedy: bool = False,
     head=None,
+    cache: list | None = None,
     should_stop=None,
     stop_check_every: int = 8,
     progress_every: float = 0.0,
 ):
     """Sample one completion per job (prompt ids, generator) with at most `slots` sequences in flight (0: all jobs).
 
-    `refill` False is static batching, the bench's contender without refill: a finished row keeps its slot and is
-    decoded (and discarded) until the batch's longest row ends, as a fixed batch would. `head` is the output layer
-    (default the model's; training passes its fp32 master head when sampling from a bf16 copy). `should_stop()` is
-    polled every `stop_check_every` steps and ends the rollout early (the caller discards it); `progress_every` > 0
-    prints finished jobs and tokens/s at most that often (seconds).
+    Each iteration admits waiting jobs into free slots (their prompts prefilled together, their first token
+    sampled), then decodes one token for every running sequence. `compact` keeps the running sequences in slots
+    0 … B−1 (a finished sequence's slot is refilled, or, with nobody waiting, the last sequence's K/V moves into it),
+    so the decode step reads the cache as a view and its bookkeeping stays on the device: one host sync per decode
+    step (which rows ended). Without `compact` rows stay where they started and decode gathers their K/V (the
+    benchmark's "before"). `refill` False is static batching, the bench's contender without refill: a finished row
+    keeps its slot and is decoded (and discarded) until the batch's longest row ends, as a fixed batch would.
+    `head` is the output layer (default the model's; training passes its fp32 master head when sampling from a bf16
+    copy); `cache` a `new_cache` to reuse (default: one allocated for this call). `should_stop()` is polled every
+    `stop_check_every` steps and ends the rollout early (the caller discards it); `progress_every` > 0 prints
+    finished jobs and tokens/s at most that often (seconds).
 
     Returns, in job order: completion ids (N, T) padded with pad_id, completion mask (N, T) (1 up to and including
     EOS), truncated (N,), the sampler's log-probs (N, T), entropies over text (N, T), start_inside (N,) or None."""
@@ -154,6 +165,12 @@ def generate(
     if not hasattr(body, "layers"):
         raise ValueError(f"{type(body).__name__} has no `layers`: the engine drives decoder bodies with a layer list")
     N, S = len(prompts), min(slots or len(prompts), len(prompts))
+    L = max(len(p) for p in prompts) + max_new_tokens  # tokens per slot
+    if cache is None:
+        cache = new_cache(model, S, L)
+    elif cache[0][0].shape[0] < S or cache[0][0].shape[2] < L:
+        raise ValueError(f"the KV cache holds {cache[0][0].shape[0]} slots × {cache[0][0].shape[2]} tokens; this "
+                         f"rollout needs {S} × {L}")  # fmt: skip
     vocab = adjust.vocab
     inside = vocab.prompt_inside(prompts).to(device) if vocab is not None else None  # (N,) per job
     start_inside = inside.clone() if inside is not None else None
@@ -161,81 +178,92 @@ def generate(
     ids = th.full((N, max_new_tokens), pad_id, dtype=th.long, device=device)
     logps = th.zeros(N, max_new_tokens, device=device)
     ents = th.zeros(N, max_new_tokens, device=device)
-    count, truncated = [0] * N, [False] * N  # tokens sampled per job; ended without EOS
-    cache: list = [[] for _ in body.layers]
-    L = max(len(p) for p in prompts) + max_new_tokens  # tokens per slot
-    slot_job, slot_len = [-1] * S, [0] * S  # job in each slot (-1: free), tokens in its cache
+    count, truncated = [0] * N, [False] * N  # tokens sampled per job (host); ended without EOS
+    count_d = th.zeros(N, dtype=th.long, device=device)  # the same on the device, where the writes index with it
+    slot_job, slot_len = [-1] * S, [0] * S  # job in each slot (-1: free), tokens in its cache: known on the host
     live = [False] * S  # the slot's job still samples (False: finished, kept only without refill)
     last = th.zeros(S, dtype=th.long, device=device)  # each slot's latest token, its next decode input
+    pos = th.zeros(S, dtype=th.long, device=device)  # each slot's next position (= tokens in its cache)
+    job_of = th.zeros(S, dtype=th.long, device=device)  # each slot's job, on the device
+    all_slots = th.arange(S, device=device)
     spare = th.Generator(device=device)  # draws for finished rows kept without refill (discarded)
     waiting = deque(range(N))
     t0 = shown = time.perf_counter()
     steps = finished = 0
+
+    def sample_rows(row_slots: list[int], rows: th.Tensor, hidden: th.Tensor) -> None:
+        """The next token of every row (slots `row_slots`, on the device `rows`) from the policy, each job with its
+        own generator, recorded for the live rows; rows whose job ended leave their slot (with refill)."""
+        nonlocal finished
+        jobs = job_of[rows]
+        flags = inside[jobs] if inside is not None else None
+        z = adjust(lm_head_fp32(head, hidden), flags)  # (B, V) fp32
+        gens = [generators[slot_job[s]] if live[s] else spare for s in row_slots]
+        tok, lp = sample_tokens(z, top_p, gens, greedy)
+        ent = entropy_of(z, vocab)
+        last[rows] = tok
+        keep = [i for i, s in enumerate(row_slots) if live[s]]  # rows whose token counts (all of them with refill)
+        if len(keep) < len(row_slots):
+            k = th.tensor(keep, device=device)
+            jobs, tok, lp, ent, flags = jobs[k], tok[k], lp[k], ent[k], flags[k] if flags is not None else None
+        at = count_d[jobs]
+        ids[jobs, at], logps[jobs, at], ents[jobs, at] = tok, lp, ent
+        count_d[jobs] += 1
+        if inside is not None:
+            inside[jobs] = vocab.step_state(flags, tok)
+        ended = th.isin(tok, eos).tolist()  # the one host sync: which slots to refill
+        for i, e in zip(keep, ended, strict=True):
+            s = row_slots[i]
+            j = slot_job[s]
+            count[j] += 1
+            if e or count[j] == max_new_tokens:
+                truncated[j], live[s] = not e, False
+                finished += 1
+                if refill:
+                    slot_job[s] = -1
 
     with engine_attention_on(model):
         while True:
             if not refill and slot_job.count(-1) < S and not any(live):  # the static batch is over
                 slot_job = [-1] * S
             free = [s for s in range(S) if slot_job[s] < 0]
-            new_slots = []
-            if waiting and free and (refill or len(free) == S):
-                for s in free[: len(waiting)]:
+            if waiting and free and (refill or len(free) == S):  # admit: prefill new jobs together, right-padded
+                new = free[: len(waiting)]
+                for s in new:
                     slot_job[s], live[s] = waiting.popleft(), True
-                    new_slots.append(s)
-            running = [s for s in range(S) if slot_job[s] >= 0 and s not in new_slots]
-            if not running and not new_slots:
-                break
-            hidden = []
-            if running:  # one new token per running row, at its own position
-                rows = th.tensor(running, device=device)
-                starts = th.tensor([slot_len[s] for s in running], device=device)
-                step = Step(cache, rows, starts, False, max(slot_len[s] for s in running) + 1, (S, L),
-                            leading=running == list(range(len(running))))  # fmt: skip
-                out = body(input_ids=last[rows][:, None], position_ids=starts[:, None], use_cache=False,
-                           rollout_step=step)  # fmt: skip
-                hidden.append(out.last_hidden_state[:, -1])
-                for s in running:
-                    slot_len[s] += 1
-            if new_slots:  # prefill the new jobs' prompts together, right-padded
-                lens = [len(prompts[slot_job[s]]) for s in new_slots]
-                tokens = th.full((len(new_slots), max(lens)), pad_id, dtype=th.long)
-                for i, s in enumerate(new_slots):
+                lens = [len(prompts[slot_job[s]]) for s in new]
+                tokens = th.full((len(new), max(lens)), pad_id, dtype=th.long)
+                for i, s in enumerate(new):
                     tokens[i, : lens[i]] = th.tensor(prompts[slot_job[s]])
                 n, P = tokens.shape
-                step = Step(cache, th.tensor(new_slots, device=device), th.zeros(n, dtype=th.long, device=device),
-                            True, P, (S, L))  # fmt: skip
-                out = body(input_ids=tokens.to(device), position_ids=th.arange(P, device=device).expand(n, P),
+                rows = th.tensor(new, device=device)
+                lens_t = th.tensor(lens, device=device)
+                job_of[rows], pos[rows] = th.tensor([slot_job[s] for s in new], device=device), lens_t
+                step = Step(cache, rows, th.zeros(n, dtype=th.long, device=device), True, P)
+                out = body(input_ids=tokens.to(device), position_ids=all_slots.new_tensor(range(P)).expand(n, P),
                            use_cache=False, rollout_step=step)  # fmt: skip
-                hidden.append(out.last_hidden_state[th.arange(n, device=device), th.tensor(lens, device=device) - 1])
-                for s, length in zip(new_slots, lens, strict=True):
+                for s, length in zip(new, lens, strict=True):
                     slot_len[s] = length
-
-            # The next token of every row from the policy, each job with its own generator.
-            row_slots = running + new_slots
-            row_jobs = [slot_job[s] for s in row_slots]
-            jobs_t = th.tensor(row_jobs, device=device)
-            flags = inside[jobs_t] if inside is not None else None
-            z = adjust(lm_head_fp32(head, th.cat(hidden)), flags)  # (B, V) fp32
-            tok, lp = sample_tokens(z, top_p, [generators[j] if live[s] else spare for s, j in zip(row_slots, row_jobs,
-                                               strict=True)], greedy)  # fmt: skip
-            ent = entropy_of(z, vocab)
-            last[th.tensor(row_slots, device=device)] = tok
-            keep = [i for i, s in enumerate(row_slots) if live[s]]  # rows whose token counts
-            k = th.tensor(keep, device=device)
-            jobs_k = jobs_t[k]
-            at = th.tensor([count[row_jobs[i]] for i in keep], device=device)
-            ids[jobs_k, at], logps[jobs_k, at], ents[jobs_k, at] = tok[k], lp[k], ent[k]
-            if inside is not None:
-                inside[jobs_k] = vocab.step_state(flags[k], tok[k])
-            ended = th.isin(tok[k], eos).tolist()  # the one host sync per step: which slots to refill
-            for i, e in zip(keep, ended, strict=True):
-                s, j = row_slots[i], row_jobs[i]
-                count[j] += 1
-                if e or count[j] == max_new_tokens:
-                    truncated[j], live[s] = not e, False
-                    finished += 1
-                    if refill:
-                        slot_job[s] = -1
+                sample_rows(new, rows, out.last_hidden_state[th.arange(n, device=device), lens_t - 1])
+            if compact and refill:
+                compact_slots(cache, slot_job, slot_len, live, (last, pos, job_of))
+            running = [s for s in range(S) if slot_job[s] >= 0]
+            if not running:
+                if waiting:
+                    continue
+                break
+            # Decode one new token per running row, at its own position.
+            B = len(running)
+            leading = running[-1] == B - 1  # slots 0 … B−1: the cache is read as a view
+            rows = all_slots[:B] if leading else th.tensor(running, device=device)
+            starts = pos[:B].clone() if leading else pos[rows]
+            step = Step(cache, rows, starts, False, max(slot_len[s] for s in running) + 1, leading=leading)
+            inputs = last[:B] if leading else last[rows]
+            out = body(input_ids=inputs[:, None], position_ids=starts[:, None], use_cache=False, rollout_step=step)
+            for s in running:
+                slot_len[s] += 1
+            pos[rows] += 1
+            sample_rows(running, rows, out.last_hidden_state[:, -1])
             steps += 1
             if should_stop is not None and steps % stop_check_every == 0 and should_stop():
                 break
@@ -245,5 +273,28 @@ def generate(
                       f"{sum(count) / (shown - t0):,.0f} tokens/s", flush=True)  # fmt: skip
 
     T = max(max(count), 1)
-    mask = (th.arange(T, device=device) < th.tensor(count, device=device)[:, None]).long()  # (N, T), EOS included
+    mask = (th.arange(T, device=device) < count_d[:, None]).long()  # (N, T), EOS included
     return ids[:, :T], mask, th.tensor(truncated, device=device), logps[:, :T] * mask, ents[:, :T], start_inside
+
+
+def compact_slots(cache: list, slot_job: list[int], slot_len: list[int], live: list[bool], per_slot) -> None:
+    """Move the running sequences in the highest slots into the free slots below them, so that the B running ones
+    occupy slots 0 … B−1: their K/V (up to the longest mover's length, one copy per layer and tensor) and their
+    per-slot device state `per_slot` (tensors indexed by slot), and the host lists. A no-op when already so."""
+    occupied = [s for s in range(len(slot_job)) if slot_job[s] >= 0]
+    B = len(occupied)
+    holes = [s for s in range(B) if slot_job[s] < 0]
+    if not holes:
+        return
+    movers = [s for s in occupied if s >= B]  # as many as there are holes
+    device = cache[0][0].device
+    dst, src = th.tensor(holes, device=device), th.tensor(movers, device=device)
+    n = max(slot_len[s] for s in movers)
+    for layer in cache:
+        for x in layer:
+            x[dst, :, :n] = x[src, :, :n]
+    for x in per_slot:
+        x[dst] = x[src]
+    for d, s in zip(holes, movers, strict=True):
+        slot_job[d], slot_len[d], live[d] = slot_job[s], slot_len[s], live[s]
+        slot_job[s], live[s] = -1, False

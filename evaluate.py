@@ -105,6 +105,7 @@ def evaluate(
     score_fn=None,
     should_stop=None,
     progress_every: float = 0.0,
+    cache: list | None = None,
 ) -> tuple[list[dict], dict]:
     """Sample every example `samples` times with the policy `adjust` (its vocab is the reasoning vocabulary, if any)
     and score the completions; returns (records, summary), the same on every rank.
@@ -115,8 +116,9 @@ def evaluate(
     after </think>, or None), correct, lengths (tokens, EOS included), truncated (no EOS within max_new_tokens), and
     with a reasoning vocabulary think_tokens and reasoning_tokens (reasoning ids among them). The summary is
     `summarize(records, samples)`. score_fn(completions, answers) → (rewards, accuracies) replaces reward.score; a
-    completion is correct when its accuracy is 1. batch_size (the engine's slots), head and should_stop() go to
-    rollout.rollout, and so does progress_every (> 0: a progress line every that many seconds)."""
+    completion is correct when its accuracy is 1. batch_size (the engine's slots), head, cache (a training run's KV
+    cache) and should_stop() go to rollout.rollout, and so does progress_every (> 0: a progress line every that many
+    seconds)."""
     if samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"need samples, batch_size, max_new_tokens ≥ 1, got {samples}, {batch_size}, {max_new_tokens}")
     if not examples:
@@ -127,7 +129,7 @@ def evaluate(
     if mine:  # a rank can have none when there are more ranks than problems
         records = score_records(model, tokenizer, mine, adjust, samples, seed, score_fn, max_new_tokens=max_new_tokens,
                                 top_p=top_p, greedy=greedy, slots=batch_size, head=head, should_stop=should_stop,
-                                progress_every=progress_every)  # fmt: skip
+                                progress_every=progress_every, cache=cache)  # fmt: skip
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, records)

@@ -22,6 +22,14 @@ from config import Config, check_config, cli_config, exit_on_usage_error
 
 if __name__ == "__main__":  # the command line first, before the heavy imports below: --help and errors in ~1 s
     CLI_CONFIG = cli_config()
+    if CLI_CONFIG.plan:  # the memory plan from the model's config alone, then exit
+        import memory
+
+        raise SystemExit(exit_on_usage_error(memory.print_plan, CLI_CONFIG))
+    # Before CUDA initialises: the run's one KV cache and the update's activations then do not fragment each other.
+    import os
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import dataclasses
 import json
@@ -36,10 +44,11 @@ from pathlib import Path
 
 import torch as th
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import data
 import evaluate
+import memory
+import packing
 import reward
 import vocab as rvocab
 from checkpoints import (
@@ -54,6 +63,7 @@ from distributed import (
     all_reduce_grads,
     all_reduce_max,
     all_reduce_sum,
+    any_rank,
     catch_preemption,
     preempted,
     setup_distributed,
@@ -61,9 +71,9 @@ from distributed import (
     teardown_distributed,
     world,
 )
-from engine import slot_count
+from engine import new_cache, slot_count
 from logs import copy_usage, log_samples, log_step, sample_records, step_metrics, truncate_logs
-from policy import CLASSES, LogitAdjust, lm_head_fp32, model_adjust, token_classes
+from policy import CLASSES, LogitAdjust, model_adjust, token_classes, token_logprobs
 from rollout import (
     Rollout,
     concat_rollouts,
@@ -241,57 +251,67 @@ def sequence_logprobs(
     start_inside: th.Tensor | None = None,
     chunk: int = 256,
 ) -> th.Tensor:
-    """log π(o_t | q, o_<t) for every completion token, (B, T) fp32, zero where completion_mask is 0.
+    """log π(o_t | q, o_<t) for every completion token of a padded block (left-padded prompts (B, P), completions
+    (B, T)): (B, T) fp32, zero where completion_mask is 0. packing.packed_logprobs is the padding-free twin.
 
-    Logits at position t predict token t+1, so the hidden states of positions P−1 … P+T−2 score the completion.
-    Only completion tokens go through lm_head, in chunks that are recomputed in backward: peak memory grows with the
-    chunk, never with B×T×V."""
+    Logits at position t predict token t+1, so the hidden states of positions P−1 … P+T−2 score the completion;
+    only completion tokens go through the output layer (policy.token_logprobs: memory-flat in B × T × V)."""
     P = prompt_ids.shape[1]
     ids = th.cat([prompt_ids, completion_ids], 1)
     mask = th.cat([prompt_mask, th.ones_like(completion_mask)], 1)  # as the sampler attended: post-EOS pads are unseen
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+    hidden = hidden.last_hidden_state
     hidden = hidden[:, P - 1 : -1]  # (B, T, H)
     inside = adjust.inside(completion_ids, start_inside)
     keep = completion_mask.bool()
-    h, targets = hidden[keep], completion_ids[keep]  # (N, H), (N,)
     flags = inside[keep] if inside is not None else None
-
-    def chunk_logp(h_c, targets_c, flags_c):
-        z = adjust(lm_head_fp32(model.get_output_embeddings(), h_c), flags_c)  # (n, V) fp32
-        return z.gather(-1, targets_c[:, None]).squeeze(-1) - z.logsumexp(-1)
-
-    parts = []
-    for s in range(0, h.shape[0], chunk):
-        f = flags[s : s + chunk] if flags is not None else None
-        args = (h[s : s + chunk], targets[s : s + chunk], f)
-        parts.append(checkpoint(chunk_logp, *args, use_reentrant=False) if h.requires_grad else chunk_logp(*args))
     logp = th.zeros(completion_ids.shape, dtype=th.float32, device=ids.device)
-    if parts:
-        logp = logp.masked_scatter(keep, th.cat(parts))
-    return logp
+    return logp.masked_scatter(keep, token_logprobs(model, adjust, hidden[keep], completion_ids[keep], flags, chunk))
 
 
-def micro_batches(n: int, size: int) -> list[slice]:
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+def micro_batches(r: Rollout, loss_mask: th.Tensor, size: int, tokens: int) -> list:
+    """The step's micro-batches, this rank's share, as rows of `r`: packed (`tokens` > 0, packing.pack) — the rows
+    with a loss token, first-fit into rows of at most `tokens` prompt + completion tokens — or padded, `size`
+    consecutive rows at a time (slices). Every rank gets as many (all-reduced; empty ones are padding passes), so
+    ranks run the same number of forward/backward passes."""
+    if not isinstance(tokens, int):
+        raise ValueError(
+            f"micro_batch_tokens must be a number of tokens ('auto' is resolved by `planned`), got {tokens!r}"
+        )
+    B = r.completion_ids.shape[0]
+    if tokens <= 0:
+        batches = [slice(s, min(s + size, B)) for s in range(0, B, size)]
+    else:
+        lengths, has_loss = th.stack(
+            [r.prompt_mask.sum(-1) + r.completion_mask.sum(-1), loss_mask.sum(-1) > 0]
+        ).tolist()
+        rows = [i for i in range(B) if has_loss[i]]
+        batches = [[rows[j] for j in b] for b in packing.pack([lengths[i] for i in rows], tokens)]
+    count = int(all_reduce_max(th.tensor([len(batches)], device=r.completion_ids.device)).item())
+    return batches + [[]] * (count - len(batches))
 
 
-def trim(r: Rollout, rows: slice) -> tuple[th.Tensor, ...]:
-    """A micro-batch's tensors, cut to its own longest completion."""
+def micro_batch_logprobs(model, r: Rollout, rows, adjust: LogitAdjust, chunk: int) -> tuple[th.Tensor, int]:
+    """(b, T) log-probs of the rows of one micro-batch (`micro_batches`) and T, its longest completion."""
+    if isinstance(rows, list):
+        return packing.packed_logprobs(model, r, rows, adjust, chunk)
     cm = r.completion_mask[rows]
-    T = max(int(cm.sum(-1).max()), 1)
+    T = max(int(cm.sum(-1).max()), 1)  # cut to the micro-batch's own longest completion
     start = r.start_inside[rows] if r.start_inside is not None else None
-    return r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows, :T], cm[:, :T], start, T
+    c = r.completion_ids[rows, :T]
+    return sequence_logprobs(model, r.prompt_ids[rows], r.prompt_mask[rows], c, cm[:, :T], adjust, start, chunk), T
 
 
-def batched_logprobs(model, r: Rollout, adjust: LogitAdjust, micro_batch_size: int, chunk: int,
+def batched_logprobs(model, r: Rollout, adjust: LogitAdjust, batches: list, chunk: int,
                      autocast: bool = False) -> th.Tensor:  # fmt: skip
-    """No-grad (B, T) log-probs of a whole rollout (old and reference policies), micro-batch by micro-batch and under
-    the same autocast as `update`'s, so that ρ and the KL start from the same numerics as the trained log-probs."""
+    """No-grad (B, T) log-probs of a whole rollout (old and reference policies) over the update's micro-batches and
+    under its autocast, so that ρ and the KL start from the same numerics as the trained log-probs."""
     out = th.zeros_like(r.logp)
     with th.no_grad(), th.autocast(r.logp.device.type, dtype=th.bfloat16, enabled=autocast):
-        for rows in micro_batches(r.completion_ids.shape[0], micro_batch_size):
-            p, pm, c, cm, start, T = trim(r, rows)
-            out[rows, :T] = sequence_logprobs(model, p, pm, c, cm, adjust, start, chunk)
+        for rows in batches:
+            logp, T = micro_batch_logprobs(model, r, rows, adjust, chunk)
+            if rows != []:
+                out[rows, :T] = logp
     return out
 
 
@@ -314,6 +334,8 @@ def update(
     loss_type: str,
     max_len: int,
     micro_batch_size: int,
+    micro_batch_tokens: int = 0,
+    batches: list | None = None,
     sampler_correction: str = "none",
     sampler_cap: float = 2.0,
     ratio_level: str = "token",
@@ -326,8 +348,12 @@ def update(
     (and summed over ranks), with the loss normalised by the token and sequence counts of the whole step on all ranks
     (a row without a loss token counts in neither), so the update equals one process's on the global batch. eps_low,
     eps_high, beta, loss_type, max_len and ratio_level are `policy_loss`'s; the sampler correction weighs by the
-    rollout's own log-probs (r.logp, the sampler's). With `classes` (B, T) (policy.token_classes) the result has "by_class", policy_loss's sums over the
-    whole step.
+    rollout's own log-probs (r.logp, the sampler's). With `classes` (B, T) (policy.token_classes) the result has
+    "by_class", policy_loss's sums over the whole step.
+
+    Micro-batches (`micro_batches`): packed rows of at most `micro_batch_tokens` tokens (packing.py), or with 0
+    padded blocks of `micro_batch_size` sequences; `batches` passes ones already made (the same for μ > 1). Either
+    way the loss and gradient are the same: the normalisers come from loss_mask, not from the micro-batches.
 
     old_logp None means one update per rollout: π_old is the detached current policy (ρ = 1 in value)."""
     device = r.completion_ids.device
@@ -338,10 +364,14 @@ def update(
     totals = th.zeros(1 + len(STAT_KEYS), device=device)  # loss, then STAT_KEYS (token-weighted sums)
     dlogp_max = th.zeros(1, device=device)
     by_class = th.zeros(len(CLASSES), 4, device=device)
-    for rows in micro_batches(r.completion_ids.shape[0], micro_batch_size):
-        p, pm, c, cm, start, T = trim(r, rows)
+    if batches is None:
+        batches = micro_batches(r, loss_mask, micro_batch_size, micro_batch_tokens)
+    for rows in batches:
         with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
-            logp = sequence_logprobs(model, p, pm, c, cm, adjust, start, logprob_chunk)
+            logp, T = micro_batch_logprobs(model, r, rows, adjust, logprob_chunk)
+        if rows == []:  # a padding pass: this rank has fewer micro-batches than another
+            logp.sum().backward()
+            continue
         old = old_logp[rows, :T] if old_logp is not None else logp.detach()
         ref = ref_logp[rows, :T] if ref_logp is not None else None
         loss, stats = policy_loss(logp, old, ref, advantages[rows], loss_mask[rows, :T], eps_low=eps_low,
@@ -378,21 +408,24 @@ def update_options(cfg: Config) -> dict:
     """The run's options that `update` takes (the loss's, micro-batching, clipping)."""
     return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
                 max_len=cfg.max_new_tokens, micro_batch_size=cfg.micro_batch_size,
+                micro_batch_tokens=cfg.micro_batch_tokens,
                 sampler_correction=cfg.sampler_correction, sampler_cap=cfg.sampler_cap, ratio_level=cfg.ratio_level,
                 logprob_chunk=cfg.logprob_chunk, max_grad_norm=cfg.max_grad_norm)  # fmt: skip
 
 
 def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adjust: LogitAdjust,
-              batch: list[data.Example], step: int, score_fn, autocast: bool, more_prompts=None) -> dict | None:  # fmt: skip
+              batch: list[data.Example], step: int, score_fn, autocast: bool, more_prompts=None,
+              cache: list | None = None) -> dict | None:  # fmt: skip
     """One GRPO step on this rank's `batch` of prompts: rollout → reward → advantages → μ updates. `sampler` is the
     model the rollout decodes with (`model` itself, or its bf16 copy, refreshed here after the update);
-    more_prompts(round_=k) is this rank's k-th further batch for dynamic sampling (--resample-rounds). Returns the rollout,
+    more_prompts(round_=k) is this rank's k-th further batch for dynamic sampling (--resample-rounds); `cache` the run's
+    KV cache (engine.new_cache; its slots bound the rollout's). Returns the rollout,
     prompts, rewards, advantages, accuracies, update statistics and timings; None if preempted during the rollout
     (the weights are then still those of the last completed step)."""
     t0 = time.perf_counter()
     G = cfg.group_size
     # 1–2. Rollout and rewards; dynamic sampling draws further prompts while too few groups (all ranks) are informative.
-    scored = rollout_and_score(cfg, sampler, model, tokenizer, adjust, batch, step, score_fn)
+    scored = rollout_and_score(cfg, sampler, model, tokenizer, adjust, batch, step, score_fn, cache=cache)
     rounds = 0
     while scored is not None and rounds < cfg.resample_rounds:
         informative = all_reduce_sum((~uniform_groups(scored[1], G)).sum().reshape(1).float())
@@ -400,7 +433,7 @@ def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adju
             break
         rounds += 1
         extra = more_prompts(round_=rounds)
-        more = rollout_and_score(cfg, sampler, model, tokenizer, adjust, extra, step, score_fn, rounds)
+        more = rollout_and_score(cfg, sampler, model, tokenizer, adjust, extra, step, score_fn, rounds, cache)
         batch, scored = batch + extra, None if more is None else (
             concat_rollouts([scored[0], more[0]], tokenizer.pad_token_id), th.cat([scored[1], more[1]]),
             scored[2] + more[2])  # fmt: skip
@@ -420,13 +453,15 @@ def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adju
     # 3. Policy update(s): μ = num_iterations steps on this rollout against fixed old/reference log-probs.
     model.train()
     old_logp = ref_logp = None
+    batches = micro_batches(r, loss_mask, cfg.micro_batch_size, cfg.micro_batch_tokens)  # the same for every pass
     if cfg.num_iterations > 1:
-        old_logp = batched_logprobs(model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk, autocast)
+        old_logp = batched_logprobs(model, r, adjust, batches, cfg.logprob_chunk, autocast)
     if ref_model is not None:
-        ref_logp = batched_logprobs(ref_model, r, adjust, cfg.micro_batch_size, cfg.logprob_chunk, autocast)
+        ref_logp = batched_logprobs(ref_model, r, adjust, batches, cfg.logprob_chunk, autocast)
     for _ in range(cfg.num_iterations):
         stats = update(model, optimizer, r, advantages, adjust, loss_mask=loss_mask, old_logp=old_logp,
-                       ref_logp=ref_logp, autocast=autocast, classes=classes, **update_options(cfg))  # fmt: skip
+                       ref_logp=ref_logp, autocast=autocast, classes=classes, batches=batches,
+                       **update_options(cfg))  # fmt: skip
     if sampler is not model:
         copy_weights(sampler, model)
     return {"rollout": r, "batch": batch, "answers": [ex.answer for ex in batch for _ in range(G)],
@@ -436,17 +471,23 @@ def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adju
 
 
 def rollout_and_score(cfg: Config, sampler, model, tokenizer, adjust: LogitAdjust, batch: list[data.Example],
-                      step: int, score_fn, round_: int = 0):  # fmt: skip
+                      step: int, score_fn, round_: int = 0, cache: list | None = None):  # fmt: skip
     """G completions of each prompt in `batch` from the current policy and their rewards (the verifier's plus the
     overlong penalty): (rollout, rewards (B,), accuracies), or None if preempted. Each sample has its own seed (see
     rollout.sample_seed); dynamic sampling's round k numbers its samples from k·G."""
     G = cfg.group_size
     prompts = [ex.prompt_ids for ex in batch for _ in range(G)]
     seeds = [sample_seed(cfg.seed, step, ex.index, round_ * G + j) for ex in batch for j in range(G)]
+    slots = (
+        len(cache[0][0])
+        if cache is not None
+        else slot_count(
+            sampler, cfg.rollout_batch_size, len(prompts), cfg.rollout_kv_gib, cfg.max_prompt_len + cfg.max_new_tokens
+        )
+    )
     r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
-                slots=slot_count(sampler, cfg.rollout_batch_size, len(prompts), cfg.rollout_kv_gib,
-                                 cfg.max_prompt_len + cfg.max_new_tokens), head=model.get_output_embeddings(),
-                should_stop=stop_requested, progress_every=30.0 if world()[0] == 0 else 0.0)  # fmt: skip
+                slots=slots, cache=cache, head=model.get_output_embeddings(), should_stop=stop_requested,
+                progress_every=30.0 if world()[0] == 0 else 0.0)  # fmt: skip
     if preempted():
         return None
     answers = [ex.answer for ex in batch for _ in range(G)]
@@ -469,7 +510,7 @@ def train(cfg: Config, score_fn=None) -> Path:
     score_fn(completions, answers) → (rewards, accuracies) replaces the math verifier (default: reward.score), in the
     rollouts and in the periodic evaluation alike."""
     check_config(cfg)
-    device = setup_distributed(cfg.device)
+    device = setup_distributed(cfg.device, cfg.dist_timeout)
     rank, world_size = world()
     main_rank = rank == 0
     autocast = device.type == "cuda" and cfg.bf16
@@ -485,6 +526,7 @@ def train(cfg: Config, score_fn=None) -> Path:
     th.manual_seed(cfg.seed)
     resume_from = find_resume(cfg.resume, output_dir)
     model, tokenizer, vocab = load_policy(cfg, resume_from, device)
+    cfg = planned(cfg, model, device)  # before the sampling copy, reference, optimizer state and KV cache exist
     adjust = model_adjust(model, tokenizer, vocab, cfg.temperature)
     ref_model = frozen_copy(model) if cfg.beta != 0 else None  # 0 loads no reference model
     sampler = sampling_copy(model) if autocast else model  # bf16 sampling weights on GPU
@@ -516,15 +558,20 @@ def train(cfg: Config, score_fn=None) -> Path:
 
         run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg),
                          dir=os.environ.get("WANDB_DIR") or output_dir)  # fmt: skip
+    # One KV cache for the run, at the planned size: every rollout and evaluation decodes in it.
     eval_len = cfg.eval_max_new_tokens or cfg.max_new_tokens
-    eval_slots = slot_count(sampler, cfg.rollout_batch_size, cfg.eval_samples * len(eval_examples or []),
-                            cfg.rollout_kv_gib, cfg.max_prompt_len + eval_len)  # fmt: skip
+    jobs = max(cfg.prompts_per_step // world_size * cfg.group_size, cfg.eval_samples * len(eval_examples or []))
+    per_slot = cfg.max_prompt_len + max(cfg.max_new_tokens, eval_len)
+    kv_cache = new_cache(sampler, slot_count(sampler, cfg.rollout_batch_size, jobs, cfg.rollout_kv_gib, per_slot),
+                         per_slot)  # fmt: skip
     run_eval = partial(evaluate.during_training, sampler, tokenizer, eval_examples, adjust, samples=cfg.eval_samples,
-                       max_new_tokens=eval_len, top_p=cfg.top_p, batch_size=eval_slots, seed=cfg.seed,
+                       max_new_tokens=eval_len, top_p=cfg.top_p, batch_size=len(kv_cache[0][0]), seed=cfg.seed,
                        head=model.get_output_embeddings(), score_fn=score_fn, output_dir=output_dir,
-                       steps=cfg.steps)  # fmt: skip
-    if eval_examples is not None and resume_from is None:  # the starting point, in a line of its own
-        m = {"step": 0, **run_eval(0)}
+                       steps=cfg.steps, should_stop=stop_requested, cache=kv_cache)  # fmt: skip
+    if eval_due(
+        cfg, output_dir, step, eval_examples
+    ):  # the starting point (or one a stop interrupted), on its own line
+        m = {"step": step, **run_eval(step)}
         if main_rank and len(m) > 1:
             log_step(output_dir, m, cfg.steps, run)
 
@@ -533,7 +580,7 @@ def train(cfg: Config, score_fn=None) -> Path:
         batches = partial(data.prompt_batch, examples, step, cfg.prompts_per_step, seed=cfg.seed, rank=rank,
                           world_size=world_size)  # round_=k: dynamic sampling's further batches  # fmt: skip
         out = grpo_step(cfg, model, sampler, ref_model, optimizer, tokenizer, adjust, batches(), step, score, autocast,
-                        more_prompts=batches)  # fmt: skip
+                        more_prompts=batches, cache=kv_cache)  # fmt: skip
         if out is None:  # preempted during the rollout
             break
         lr = scheduler.get_last_lr()[0]
@@ -570,6 +617,14 @@ def train(cfg: Config, score_fn=None) -> Path:
     return output_dir
 
 
+def eval_due(cfg: Config, output_dir: Path, step: int, eval_examples) -> bool:
+    """Whether the run starts (or resumes) at a step whose evaluation has no record yet: step 0, or an evaluation
+    step that a stop request interrupted (rank 0's files decide, for every rank)."""
+    if eval_examples is None or (step % cfg.eval_every and step != cfg.steps):
+        return False
+    return any_rank(world()[0] == 0 and not (output_dir / "eval" / f"step_{step:06d}.jsonl").exists())
+
+
 def load_policy(cfg: Config, resume_from: Path | None, device: th.device):
     """(model, tokenizer, reasoning vocabulary or None): from the checkpoint when resuming, else cfg.model expanded
     by cfg.reasoning_vocab_size copies."""
@@ -581,9 +636,24 @@ def load_policy(cfg: Config, resume_from: Path | None, device: th.device):
         rvocab.add_think_tags(model, tokenizer)
     if vocab is None and cfg.reasoning_vocab_size != 0:
         vocab = rvocab.add_reasoning_vocab(model, tokenizer, cfg.reasoning_vocab_size, offset=cfg.reasoning_offset)
-    if cfg.gradient_checkpointing:
-        decoder_checkpointing(model, True)
     return model, tokenizer, vocab
+
+
+def planned(cfg: Config, model, device: th.device) -> Config:
+    """cfg with its 'auto' memory options chosen by the memory plan (memory.py) for the loaded model on this device
+    (free memory now plus what the model holds), and the model's decoder checkpointing set as planned; the plan is
+    printed. A step that cannot fit stops here with a one-line error naming the option."""
+    params = sum(p.numel() for p in model.parameters())
+    free = memory.free_memory(device) + (th.cuda.memory_allocated(device) if device.type == "cuda" else 4 * params)
+    free = -float(all_reduce_max(th.tensor([-free], dtype=th.float64, device=device)))  # the tightest rank's: one plan
+    plan = memory.memory_plan(memory.model_shape(model.config, params=params), cfg, device.type, free_bytes=free,
+                              world_size=world()[1])  # fmt: skip
+    if world()[0] == 0:
+        print(f"[grpo] memory plan ({device.type}, {free / memory.GiB:.1f} GiB free):\n{memory.format_plan(plan)}",
+              flush=True)  # fmt: skip
+    decoder_checkpointing(model, plan.checkpointing)
+    return dataclasses.replace(cfg, rollout_kv_gib=plan.kv_gib, micro_batch_tokens=plan.update_tokens,
+                               gradient_checkpointing="on" if plan.checkpointing else "off")  # fmt: skip
 
 
 def load_prompts(cfg: Config, tokenizer, source: str, split: str, max_samples: int | None, **fields):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch as th
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import vocab as rvocab
 
@@ -77,6 +78,24 @@ def lm_head_fp32(head: th.nn.Linear, hidden: th.Tensor) -> th.Tensor:
     bf16 log-probs are noisy and batch-shape dependent."""
     with th.autocast(hidden.device.type, enabled=False):
         return F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+
+
+def token_logprobs(model, adjust: LogitAdjust, hidden: th.Tensor, targets: th.Tensor, inside: th.Tensor | None,
+                   chunk: int = 256) -> th.Tensor:  # fmt: skip
+    """log π(target | h) for hidden states (N, H) and their next tokens (N,) → (N,) fp32, `inside` (N,) the think
+    state of each. Only these positions go through the output layer, in chunks recomputed in backward: peak memory
+    grows with the chunk, never with N × V."""
+    head = model.get_output_embeddings()
+
+    def chunk_logp(h, t, flags):
+        z = adjust(lm_head_fp32(head, h), flags)  # (n, V) fp32
+        return z.gather(-1, t[:, None]).squeeze(-1) - z.logsumexp(-1)
+
+    parts = []
+    for s in range(0, hidden.shape[0], chunk):
+        args = (hidden[s : s + chunk], targets[s : s + chunk], inside[s : s + chunk] if inside is not None else None)
+        parts.append(checkpoint(chunk_logp, *args, use_reentrant=False) if hidden.requires_grad else chunk_logp(*args))
+    return th.cat(parts) if parts else hidden.new_zeros(0, dtype=th.float32)
 
 
 def entropy_of(z: th.Tensor, vocab: rvocab.ReasoningVocab | None = None) -> th.Tensor:

@@ -52,12 +52,14 @@ def rollout(
     greedy: bool = False,
     slots: int = 0,
     head=None,
+    cache: list | None = None,
     should_stop=None,
     progress_every: float = 0.0,
 ) -> Rollout:
     """One completion per (prompt ids, seed), sampled from the policy `adjust` by the engine (engine.generate) with
     at most `slots` sequences in flight (0: all at once), decoded to text. `model` may be a bf16 sampling copy of the
-    policy, with `head` its fp32 output layer (`sampling_copy`). eos_ids default to the model's (`eos_token_ids`).
+    policy, with `head` its fp32 output layer (`sampling_copy`), and `cache` a KV cache to reuse (engine.new_cache).
+    eos_ids default to the model's (`eos_token_ids`).
     A `should_stop()` that turns true ends the rollout early (e.g. preemption); the caller discards it."""
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids
@@ -66,7 +68,7 @@ def rollout(
     model.eval()
     try:
         r = generate(model, prompts, generators, adjust, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                     pad_id=tokenizer.pad_token_id, slots=slots, top_p=top_p, greedy=greedy, head=head,
+                     pad_id=tokenizer.pad_token_id, slots=slots, top_p=top_p, greedy=greedy, head=head, cache=cache,
                      should_stop=should_stop, progress_every=progress_every)  # fmt: skip
     finally:
         model.train(was_training)
