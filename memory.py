@@ -55,8 +55,8 @@ def qwen3_config(name: str):
         return None
     from transformers import Qwen3Config
 
-    H, I, layers, heads, kv, tied = QWEN3[name]
-    return Qwen3Config(vocab_size=151936, hidden_size=H, intermediate_size=I, num_hidden_layers=layers,
+    H, width, layers, heads, kv, tied = QWEN3[name]
+    return Qwen3Config(vocab_size=151936, hidden_size=H, intermediate_size=width, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv, head_dim=128, tie_word_embeddings=tied)  # fmt: skip
 
 
@@ -64,18 +64,18 @@ def model_shape(config, reasoning_vocab_size: int = 0, params: int | None = None
     """The plan's sizes from a transformers config (Llama/Qwen-style decoder), with `reasoning_vocab_size` copies
     still to add (-1: one per row, an upper bound). `params`: the exact count of a loaded model, else computed."""
     c = config.get_text_config()
-    H, layers, I = c.hidden_size, c.num_hidden_layers, c.intermediate_size
+    H, layers, width = c.hidden_size, c.num_hidden_layers, c.intermediate_size
     head_dim = getattr(c, "head_dim", None) or H // c.num_attention_heads
     q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
     tied = getattr(c, "tie_word_embeddings", True)
     added = c.vocab_size if reasoning_vocab_size == -1 else reasoning_vocab_size
     rows = c.vocab_size + added
     if params is None:
-        layer = 2 * H * q + 2 * H * kv + 3 * H * I + 2 * H + (2 * head_dim if c.model_type == "qwen3" else 0)
+        layer = 2 * H * q + 2 * H * kv + 3 * H * width + 2 * H + (2 * head_dim if c.model_type == "qwen3" else 0)
         params = layers * layer + H + rows * H * (1 if tied else 2)
     else:
         params += added * H * (1 if tied else 2)
-    return Shape(params, layers, H, q, kv, I, rows)
+    return Shape(params, layers, H, q, kv, width, rows)
 
 
 def activation_bytes(s: Shape, bf16: bool, checkpointing: bool) -> float:
