@@ -174,6 +174,11 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
             f"more than the {usable / GiB:.1f} GiB usable on one device: use a smaller --model or "
             "--reasoning-vocab-size, or shorter sequences (--max-new-tokens)"
         )
+    if fixed_tokens is not None and shared + update_bytes(fixed_tokens, ckpt) + per_slot * kv_token > usable:
+        option = f"--micro-batch-size {cfg.micro_batch_size}" if padded else f"--micro-batch-tokens {fixed_tokens}"
+        raise UsageError(f"{option}: its update needs {update_bytes(fixed_tokens, ckpt) / GiB:.1f} GiB, too much "
+                         f"beside the model's {shared / GiB:.1f} GiB and one rollout slot in {usable / GiB:.1f} GiB "
+                         "usable: lower it, or use --micro-batch-tokens auto")  # fmt: skip
     if slots < 1:
         raise UsageError(
             f"--max-new-tokens {cfg.max_new_tokens}: with --max-prompt-len {cfg.max_prompt_len}, not even one rollout "
