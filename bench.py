@@ -26,9 +26,7 @@ for _name, _value in [("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("T
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -36,6 +34,7 @@ from pathlib import Path  # noqa: E402
 import torch as th  # noqa: E402
 
 import bench_gpu  # noqa: E402
+import bench_packed  # noqa: E402
 import checkpoints  # noqa: E402
 import config  # noqa: E402
 import engine  # noqa: E402
@@ -53,39 +52,21 @@ from bench_common import (  # noqa: E402
     bench_mask_overhead,
     doubled_vocab,
     hf_sampling_config,
+    in_child,
     logprob_step,
     machine,
     median_time,
     met,
+    peak_mib,
     qwen3_adjust,
     random_qwen3,
     random_rollout,
+    rss_mib,
     top_profile,
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def rss_mib() -> float:
-    """Current resident set of this process (MiB)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def in_child(task: str, **kwargs) -> dict:
-    """Run `task` in a fresh interpreter so that its peak resident set is its own."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps({"task": task, **kwargs})]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"child {task} {kwargs} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -489,6 +470,8 @@ def report(results: dict) -> str:
         lines += ["", f"against group size (T = {T}, micro-batches of 4):", ""]
         lines += ["| group size G | step s | peak extra MiB |", "|---|---|---|"]
         lines += [f"| {r['G']} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |" for r in sc["group"]]
+    if results.get("packed"):
+        lines += ["", *bench_packed.packed_report(results["packed"])]
     if ro:
         for name, r in ro.items():
             if name != "draw_ms" and r is not None:
@@ -506,7 +489,12 @@ SECTIONS = {
     "update_scaling": bench_update_scaling,
     "trl": bench_trl,
     "engine": bench_engine,
+    "packed": bench_packed.bench_packed,
 }
+
+
+PACKED_KEYS = ("update_speedup_packed", "update_mem_ratio_packed", "decode_gather_free_speedup", "plan_update_error",
+               "plan_kv_error")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -520,7 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
         th.set_num_threads(2)
         spec = json.loads(args.child)
         task = spec.pop("task")
-        fn = {"logprob_memory": child_logprob_memory, "update": child_update, "trl": child_trl}[task]
+        fn = {"logprob_memory": child_logprob_memory, "update": child_update, "trl": child_trl,
+              "packed": bench_packed.child_packed, "kv": bench_packed.child_kv}[task]  # fmt: skip
         print(json.dumps(fn(**spec)))
         return {}
 
@@ -555,6 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
         # the worse of the two models, each a GRPO-like long-tailed workload
         "engine_speedup_vs_hf": min(r["speedup_vs_hf"] for r in contests) if contests else None,
         "engine_speedup_vs_no_refill": min(r["speedup_vs_no_refill"] for r in contests) if contests else None,
+        **{k: results["packed"][k] for k in PACKED_KEYS if results.get("packed")},
     }
     results["keys"] = {k: v for k, v in results["keys"].items() if v is not None or args.only is None}
     print(report(results))

@@ -6,10 +6,14 @@ from __future__ import annotations
 import copy
 import cProfile
 import io
+import json
 import os
 import platform
 import pstats
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -233,3 +237,29 @@ def met(key: str, value) -> str:
     op, target = TARGETS[key]
     ok = value <= target if op == "<=" else value >= target
     return f"{'met' if ok else 'NOT met'} (target {op} {target:g})"
+
+
+def rss_mib() -> float:
+    """Current resident set of this process (MiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def in_child(task: str, **kwargs) -> dict:
+    """Run `task` in a fresh interpreter so that its peak resident set is its own."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().with_name("bench.py")),
+        "--child",
+        json.dumps({"task": task, **kwargs}),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {task} {kwargs} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
