@@ -494,7 +494,7 @@ SECTIONS = {
 
 
 PACKED_KEYS = ("update_speedup_packed", "update_mem_ratio_packed", "decode_gather_free_speedup", "plan_update_error",
-               "plan_kv_error")  # fmt: skip
+               "plan_kv_error")  # fmt: skip  # bench_packed.py
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -251,15 +251,16 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def in_child(task: str, **kwargs) -> dict:
-    """Run `task` in a fresh interpreter so that its peak resident set is its own."""
+def in_child(task: str, env: dict | None = None, **kwargs) -> dict:
+    """Run `task` in a fresh interpreter (with `env` added to the environment) so that its peak resident set is its
+    own."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve().with_name("bench.py")),
         "--child",
         json.dumps({"task": task, **kwargs}),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(f"child {task} {kwargs} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

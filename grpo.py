@@ -370,7 +370,8 @@ def update(
         with th.autocast(device.type, dtype=th.bfloat16, enabled=autocast):
             logp, T = micro_batch_logprobs(model, r, rows, adjust, logprob_chunk)
         if rows == []:  # a padding pass: this rank has fewer micro-batches than another
-            logp.sum().backward()
+            with packing.attention_for(model, rows):
+                logp.sum().backward()
             continue
         old = old_logp[rows, :T] if old_logp is not None else logp.detach()
         ref = ref_logp[rows, :T] if ref_logp is not None else None
@@ -380,7 +381,8 @@ def update(
                                   correction=sampler_correction, cap=sampler_cap, ratio_level=ratio_level,
                                   classes=classes[rows, :T] if classes is not None else None)  # fmt: skip
         if loss.requires_grad:  # False only when the micro-batch has no completion token at all
-            loss.backward()
+            with packing.attention_for(model, rows):  # checkpointed layers recompute with the forward's attention
+                loss.backward()
         weight = float(loss_mask[rows].sum()) / num_tokens
         totals += th.tensor([loss.item(), *(stats[k] * weight for k in STAT_KEYS)], device=device)
         dlogp_max = dlogp_max.clamp(min=stats["sampler_dlogp_max"])

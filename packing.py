@@ -14,7 +14,7 @@ padded update's.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch as th
 import torch.nn.functional as F
@@ -68,6 +68,12 @@ def using_attention(model, name: str):
         yield
     finally:
         config._attn_implementation = before
+
+
+def attention_for(model, rows):
+    """The attention a micro-batch's forward ran with (packed `rows` are a list), for its backward too: decoder
+    layers under activation checkpointing recompute their forward there, and must not attend across sequences."""
+    return using_attention(model, ATTENTION) if isinstance(rows, list) else nullcontext()
 
 
 def packed_logprobs(model, r, rows: list[int], adjust: LogitAdjust, chunk: int = 256) -> tuple[th.Tensor, int]:

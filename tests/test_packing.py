@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch as th
 
+import checkpoints
 import grpo
 import packing
 import rollout
@@ -63,6 +64,7 @@ CASES = {
     "tis": {"sampler_correction": "tis", "sampler_cap": 1.05},
     "kl": {"beta": 0.1},
     "mu2": {"num_iterations": 2},
+    "checkpointing": {},  # decoder layers recomputed in backward: with the packed attention, not across sequences
 }
 
 
@@ -94,6 +96,8 @@ def test_packed_update_equals_padded_update(case, reasoning, tiny_tokenizer):
     for tokens in (0, 40):  # padded (micro-batches of 3), then packed rows of ≤ 40 tokens
         cfg = tiny_cfg(micro_batch_size=3, micro_batch_tokens=tokens, **options)
         model = make()[0]
+        if case == "checkpointing":
+            checkpoints.decoder_checkpointing(model.train(), True)
         if ref_logp is not None:
             with th.no_grad():
                 for p in model.parameters():
