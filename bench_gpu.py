@@ -3,16 +3,19 @@ Each section is guarded, so one failure leaves the others' figures. DEV = "cpu" 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
 import time
+import warnings
 
 import torch as th
 
 import checkpoints
 import engine
 import grpo
+import memory
 import policy
 import rollout
 from bench_common import (
@@ -150,86 +153,86 @@ def hazard_jobs(n: int, mean: int, V: int, seed: int = 0) -> tuple[list[list[int
     return prompts, eos
 
 
-def gpu_long_rollout(model, jobs: int = 128, N: int = 8192, mean: int = 2500, kv_gib: float = 60.0) -> dict:
-    """The doubled Qwen3-0.6B-shaped model with the gate: `jobs` completions of up to N tokens (geometric lengths,
-    mean ~`mean`), the engine with as many slots as a `kv_gib` KV cache holds. Tokens/s, and that as a fraction of
-    the HBM bound: every decode step reads the bf16 body, the fp32 head and each live row's KV once."""
+def gpu_real_step(model, jobs: int = 128, N: int = 8192, mean: int = 2700, rollout_limit_s: float = 240.0) -> dict:
+    """One GRPO step at the real shape, run as `train` runs it: the memory plan for this card (every 'auto' option),
+    the run's KV cache, the engine on the bf16 copy (128 completions of up to N tokens, geometric lengths with mean
+    ~N/3, the gate on), then the packed update (bf16 autocast, the planned token budget and checkpointing) taken
+    twice (AdamW's state exists from the first). Planned vs measured peak memory; decode tokens/s and its fraction
+    of the HBM bound (every decode step reads the bf16 body, the fp32 head and each live row's KV once); the step's
+    time split. The rollout stops after `rollout_limit_s` (reported) so the section fits the bench's budget."""
+    cfg = grpo.Config(max_new_tokens=N, reasoning_vocab_size=-1)
     adjust = qwen3_adjust(DOUBLED, doubled_vocab())
     adjust.bias = adjust.bias.to(DEV)
-    prompts, eos = hazard_jobs(jobs, mean, DOUBLED)
+    params = sum(p.numel() for p in model.parameters())
+    free = memory.free_memory(th.device(DEV)) + (th.cuda.memory_allocated() if DEV == "cuda" else 4 * params)
+    plan = memory.memory_plan(memory.model_shape(model.config, params=params), cfg, DEV, free_bytes=free)
+    if DEV == "cuda":
+        th.cuda.reset_peak_memory_stats()
     bf16 = rollout.sampling_copy(model)
-    slots = min(jobs, engine.slots_for(bf16, kv_gib, 512 + N, th.bfloat16))
-    polls = [0]
+    cache = engine.new_cache(bf16, plan.slots, cfg.max_prompt_len + N)
+    checkpoints.decoder_checkpointing(model, plan.checkpointing)
+    opt = th.optim.AdamW(model.parameters(), lr=1e-7)
+    prompts, eos = hazard_jobs(jobs, mean, DOUBLED, seed=1)
+    steps, t0 = [0], time.perf_counter()
 
-    def count_steps() -> bool:
-        polls[0] += 1
-        return False
+    def count_steps() -> bool:  # polled every 8 decode steps
+        steps[0] += 8
+        return time.perf_counter() - t0 > rollout_limit_s
 
     gens = [th.Generator(DEV).manual_seed(i) for i in range(jobs)]
-    t = seconds(lambda: engine.generate(bf16, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos, pad_id=0,
-                                        slots=slots, head=model.get_output_embeddings(), should_stop=count_steps))  # fmt: skip
-    gens = [th.Generator(DEV).manual_seed(i) for i in range(jobs)]  # the same completions again, for their lengths
-    mask = engine.generate(bf16, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos, pad_id=0, slots=slots,
-                           head=model.get_output_embeddings())[1]  # fmt: skip
-    lengths = mask.sum(-1).tolist()
+    out = []
+    t_rollout = seconds(lambda: out.append(rollout.generate(bf16, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos,
+                        pad_id=0, slots=plan.slots, cache=cache, should_stop=count_steps,
+                        head=model.get_output_embeddings())))  # fmt: skip
+    r = out[0]
+    lengths = r.completion_mask.sum(-1).tolist()
+    rollout_peak = th.cuda.max_memory_allocated() if DEV == "cuda" else 0
     c = model.config
     kv_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2  # bytes per cached token, bf16
     body = 2 * sum(p.numel() for n, p in bf16.named_parameters() if "embed" not in n)
     head = 4 * model.get_output_embeddings().weight.numel()
-    steps = 8 * polls[0]
     kv_read = kv_token * sum(len(p) * n + n * n / 2 for p, n in zip(prompts, lengths, strict=True))
-    bound_s = (steps * (body + head) + kv_read) / hbm_peak()
-    return {"jobs": jobs, "N": N, "slots": slots, "tokens": sum(lengths), "mean_len": sum(lengths) / jobs,
-            "truncated_frac": sum(n == N for n in lengths) / jobs, "seconds": t, "decode_tok_s": sum(lengths) / t,
-            "steps": steps, "hbm_bound_s": bound_s, "hbm_fraction": bound_s / t}  # fmt: skip
+    bound_s = (steps[0] * (body + head) + kv_read) / hbm_peak()
+    model.train()
+    options = grpo.update_options(dataclasses.replace(cfg, micro_batch_tokens=plan.update_tokens))
+    adv = th.linspace(-1, 1, jobs, device=DEV)
+    update = lambda: grpo.update(model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None,  # noqa: E731
+                                 ref_logp=None, autocast=DEV == "cuda", **options)  # fmt: skip
+    t_first = seconds(update)
+    t_update = seconds(update)
+    t_refresh = seconds(lambda: rollout.copy_weights(bf16, model))
+    model.eval()
+    checkpoints.decoder_checkpointing(model, False)
+    return {"planned_peak_gib": plan.peak / 2**30, "measured_peak_gib": th.cuda.max_memory_allocated() / 2**30
+            if DEV == "cuda" else 0.0, "rollout_peak_gib": rollout_peak / 2**30, "plan": memory.format_plan(plan),
+            "slots": plan.slots, "update_tokens": plan.update_tokens, "checkpointing": plan.checkpointing,
+            "jobs": jobs, "N": N, "finished": t_rollout < rollout_limit_s,
+            "tokens": sum(lengths), "mean_len": sum(lengths) / jobs, "rollout_s": t_rollout,
+            "decode_tok_s": sum(lengths) / t_rollout, "hbm_fraction": bound_s / t_rollout, "update_first_s": t_first,
+            "update_s": t_update, "refresh_s": t_refresh, "update_tok_s": int(r.completion_mask.sum()) / t_update}  # fmt: skip
 
 
-def gpu_grpo_step(model, prompts_per_step: int = 16, G: int = 8, N: int = 1024, mean: int = 300) -> dict:
-    """One GRPO step's rollout + update on the doubled Qwen3-0.6B-shaped model (128 completions of up to N tokens,
-    mean ~`mean`): before (the old sampler on fp32 weights under autocast, batches of 64) and after (the engine on
-    the bf16 copy, 128 slots), and the sampler–trainer mismatch the bf16 copy brings (sampler_kl)."""
+def gpu_decode_syncs(model, jobs: int = 32, N: int = 128) -> dict:
+    """Host–device syncs per decode step of the engine (torch.cuda.set_sync_debug_mode counts each one as a warning;
+    EOS off, so every step decodes every row; the prefill's are counted too)."""
     adjust = qwen3_adjust(DOUBLED, doubled_vocab())
     adjust.bias = adjust.bias.to(DEV)
-    prompts, eos = hazard_jobs(prompts_per_step * G, mean, DOUBLED, seed=1)
-    opt = th.optim.AdamW(model.parameters(), lr=1e-7)
-    options = grpo.update_options(grpo.Config(micro_batch_size=8, max_new_tokens=N))
-    out = {}
-    for name in ("before", "after"):
-        t0 = time.perf_counter()
-        gens = [th.Generator(DEV).manual_seed(i) for i in range(len(prompts))]
-        if name == "before":
-            parts = []
-            with th.autocast(DEV, dtype=th.bfloat16, enabled=DEV == "cuda"):
-                for s in range(0, len(prompts), 64):
-                    parts.append(rollout.sample(model, prompts[s : s + 64], adjust, max_new_tokens=N, eos_ids=eos,
-                                                pad_id=0, generator=gens[s : s + 64]))  # fmt: skip
-            r = rollout.concat_rollouts(parts, 0)
-        else:
-            bf16 = rollout.sampling_copy(model)
-            r = rollout.generate(bf16, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos, pad_id=0,
-                                 slots=len(prompts), head=model.get_output_embeddings())  # fmt: skip
+    bf16 = rollout.sampling_copy(model)
+    prompts = th.randint(0, QWEN3_BASE, (jobs, 64), generator=th.Generator().manual_seed(5)).tolist()
+    gens = [th.Generator(DEV).manual_seed(i) for i in range(jobs)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         if DEV == "cuda":
-            th.cuda.synchronize()
-        t_rollout = time.perf_counter() - t0
-        model.train()
-        adv = th.linspace(-1, 1, len(prompts), device=DEV)
-        t1 = time.perf_counter()
-        stats = grpo.update(model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
-                            autocast=DEV == "cuda", **options)  # fmt: skip
-        if name == "after":
-            grpo_copy = time.perf_counter()
-            rollout.copy_weights(bf16, model)
-            stats["refresh_s"] = time.perf_counter() - grpo_copy
-            del bf16
-        if DEV == "cuda":
-            th.cuda.synchronize()
-        model.eval()
-        out[name] = {"rollout_s": t_rollout, "update_s": time.perf_counter() - t1, "tokens": int(r.completion_mask.sum()),
-                     **{k: stats[k] for k in ("sampler_kl", "sampler_dlogp_max", "refresh_s") if k in stats}}  # fmt: skip
-    out["step_speedup"] = sum(out["before"][k] for k in ("rollout_s", "update_s")) / sum(
-        out["after"][k] for k in ("rollout_s", "update_s")
-    )
-    return out
+            th.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.generate(bf16, prompts, gens, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, slots=jobs,
+                            head=model.get_output_embeddings())  # fmt: skip
+        finally:
+            if DEV == "cuda":
+                th.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    return {"jobs": jobs, "decode_steps": N - 1, "syncs": len(syncs), "syncs_per_step": len(syncs) / (N - 1),
+            "kinds": sorted({m.split("\n")[0][:120] for m in syncs})[:8]}  # fmt: skip
 
 
 def device_name() -> str:
@@ -246,48 +249,20 @@ def hbm_peak() -> float:
     )  # unknown card: the achieved copy bandwidth stands in for the peak
 
 
-def gpu_update(model, lengths=(1024, 4096, 8192), groups=(4, 8, 16), group_T: int = 1024) -> dict:
-    """One grpo.update of the doubled Qwen3-0.6B-shaped model (bf16 autocast, fp32 master weights, AdamW, gradient
-    checkpointing, micro-batches of 4): time and peak memory against completion length (G = 1) and group size."""
-    adjust = qwen3_adjust(DOUBLED, doubled_vocab())
-    adjust.bias = adjust.bias.to(DEV)
-    model.train()
-    checkpoints.decoder_checkpointing(model, True)
-    opt = th.optim.AdamW(model.parameters(), lr=1e-6)
-
-    def one(G: int, T: int) -> dict:
-        cfg = grpo.Config(micro_batch_size=4, max_new_tokens=T)
-        r = random_rollout(G, T, DEV)
-        adv = th.linspace(-1, 1, G, device=DEV)
-
-        def step():
-            grpo.update(model, opt, r, adv, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
-                        **grpo.update_options(cfg), autocast=True)  # fmt: skip
-
-        peak = cuda_peak_gib(step)
-        return {"G": G, "T": T, "seconds": seconds(step), "peak_gib": peak}
-
-    one(1, 256)  # warm-up; allocates AdamW's state, which then counts in the baseline
-    out = {"length": [one(1, T) for T in lengths], "group": [one(G, group_T) for G in groups]}
-    checkpoints.decoder_checkpointing(model, False)
-    model.eval()
-    return out
-
-
-def bench_gpu(shape: dict = QWEN3_06B, long_n: int = 8192, long_jobs: int = 128, lengths=(1024, 4096, 8192),
-              groups=(4, 8, 16), step_prompts: int = 16, step_n: int = 1024, only: tuple[str, ...] = ()) -> dict:  # fmt: skip
-    """Every GPU section, each guarded so that one failure leaves the others' figures."""
+def bench_gpu(shape: dict = QWEN3_06B, step_n: int = 8192, step_jobs: int = 128, rollout_limit_s: float = 240.0,
+              only: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """Every GPU section, each guarded so that one failure leaves the others' figures (about 7 minutes on an H200,
+    most of it the real step's rollout, which stops after `rollout_limit_s`)."""
     bandwidth = copy_bandwidth(2**30 if DEV == "cuda" else 2**20)
     out: dict = {"device": device_name(), "hbm_peak_tb_s": hbm_peak() / 1e12, "copy_tb_s": bandwidth / 1e12}
     base = random_qwen3(QWEN3_ROWS, **shape, device=DEV)
     doubled = random_qwen3(DOUBLED, **shape, device=DEV)
     sections = [
+        ("decode_syncs", lambda: gpu_decode_syncs(doubled)),
         ("rollout_b64", lambda: gpu_rollout(base, 64)),
-        ("long_rollout", lambda: gpu_long_rollout(doubled, jobs=long_jobs, N=long_n)),
-        ("grpo_step", lambda: gpu_grpo_step(doubled, prompts_per_step=step_prompts, N=step_n)),
         ("mask_overhead", lambda: bench_mask_overhead(doubled, B=64, P=64, N=64, device=DEV)),
         ("logprob", lambda: gpu_logprob_memory(doubled)),
-        ("update", lambda: gpu_update(doubled, lengths, groups, group_T=lengths[0])),
+        ("real_step", lambda: gpu_real_step(doubled, jobs=step_jobs, N=step_n, rollout_limit_s=rollout_limit_s)),
     ]
     for name, fn in sections:
         if only and name not in only:
@@ -337,30 +312,30 @@ def gpu_report(g: dict) -> str:
             f"| T = {m['T']}, V = {m['V']:,}: {m['chunked_gib']:.2f} vs {m['naive_gib']:.2f} GiB, of which "
             f"{m['grads_gib']:.2f} GiB are the parameters' gradients; without them {m['ratio_without_grads']:.3f} |"
         )
-    if not failed("long_rollout"):
-        m = g["long_rollout"]
+    if not failed("decode_syncs"):
+        m = g["decode_syncs"]
         lines.append(
-            f"| engine tokens/s, {m['jobs']} jobs up to {m['N']:,} tokens | {m['decode_tok_s']:,.0f} | — | V = "
-            f"{DOUBLED:,} with the gate, {m['slots']} slots, mean length {m['mean_len']:.0f}, "
-            f"{m['truncated_frac']:.0%} truncated, {m['seconds']:.0f} s |"
+            f"| host syncs per decode step | {m['syncs_per_step']:.2f} | target 1 (the EOS check) | {m['jobs']} rows, "
+            f"{m['decode_steps']} decode steps, EOS off, {m['syncs']} syncs in all (prefill included): "
+            f"{'; '.join(m['kinds'])[:200]} |"
+        )
+    if not failed("real_step"):
+        m = g["real_step"]
+        lines.append(
+            f"| peak memory, one real-shaped GRPO step | {m['measured_peak_gib']:.1f} GiB measured | planned "
+            f"{m['planned_peak_gib']:.1f} GiB | Qwen3-0.6B-shaped, V = {DOUBLED:,}, {m['slots']} slots, update rows of "
+            f"{m['update_tokens']:,} tokens, checkpointing {'on' if m['checkpointing'] else 'off'}; rollout peak "
+            f"{m['rollout_peak_gib']:.1f} GiB |"
         )
         lines.append(
-            f"| fraction of the HBM bound | {m['hbm_fraction']:.0%} | target ≥ 50 % | {m['steps']} decode steps, each "
-            f"reading the bf16 body, the fp32 head and the live KV: {m['hbm_bound_s']:.1f} s at peak bandwidth |"
+            f"| decode tokens/s, {m['jobs']} jobs up to {m['N']:,} tokens | {m['decode_tok_s']:,.0f} "
+            f"({m['hbm_fraction']:.0%} of the HBM bound) | ≥ 50 % of the bound | mean length {m['mean_len']:.0f}, "
+            f"{'finished' if m['finished'] else 'stopped at the time limit'} after {m['rollout_s']:.0f} s |"
         )
-    if not failed("grpo_step"):
-        s = g["grpo_step"]
-        b, a = s["before"], s["after"]
         lines.append(
-            f"| GRPO step (128 completions ≤ 1,024 tokens), before → after | {s['step_speedup']:.2f}× | — | rollout "
-            f"{b['rollout_s']:.1f} → {a['rollout_s']:.1f} s, update {b['update_s']:.1f} → {a['update_s']:.1f} s; "
-            f"bf16 sampler vs trainer: sampler_kl {a['sampler_kl']:.2e}, max |Δ log p| {a['sampler_dlogp_max']:.2f} |"
+            f"| one GRPO step's time split | rollout {m['rollout_s']:.0f} s, update {m['update_s']:.1f} s "
+            f"({m['update_tok_s']:,.0f} completion tokens/s; first {m['update_first_s']:.1f} s), refresh of the bf16 "
+            f"copy {m['refresh_s']:.2f} s | — | {m['tokens']:,} completion tokens |"
         )
-    if not failed("update"):
-        u = g["update"]
-        lines += ["", "one grpo.update (V = 303,872, gradient checkpointing, micro-batches of 4):", ""]
-        lines += ["| G | completion tokens | step s | peak GiB |", "|---|---|---|---|"]
-        lines += [
-            f"| {r['G']} | {r['T']} | {r['seconds']:.2f} | {r['peak_gib']:.2f} |" for r in u["length"] + u["group"]
-        ]
+        lines += ["", "the plan it ran with:", "", "```", m["plan"], "```"]
     return "\n".join(lines)
