@@ -167,18 +167,21 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
             fits = room >= slots * per_slot * kv_token
         if fits:
             break
-    states = shared + update_bytes(min_tokens, ckpt_options[-1])
-    if states > usable:
+    least = shared + 4 * P + seq * activation_bytes(s, bf16, True) + head  # one checkpointed sequence: any setting's
+    if least > usable:
         raise UsageError(
-            f"--model: its weights, gradients and AdamW state and one sequence's update need {states / GiB:.1f} GiB, "
+            f"--model: its weights, gradients and AdamW state and one sequence's update need {least / GiB:.1f} GiB, "
             f"more than the {usable / GiB:.1f} GiB usable on one device: use a smaller --model or "
             "--reasoning-vocab-size, or shorter sequences (--max-new-tokens)"
         )
-    if fixed_tokens is not None and shared + update_bytes(fixed_tokens, ckpt) + per_slot * kv_token > usable:
-        option = f"--micro-batch-size {cfg.micro_batch_size}" if padded else f"--micro-batch-tokens {fixed_tokens}"
-        raise UsageError(f"{option}: its update needs {update_bytes(fixed_tokens, ckpt) / GiB:.1f} GiB, too much "
-                         f"beside the model's {shared / GiB:.1f} GiB and one rollout slot in {usable / GiB:.1f} GiB "
-                         "usable: lower it, or use --micro-batch-tokens auto")  # fmt: skip
+    chosen = update_bytes(fixed_tokens or min_tokens, ckpt)
+    given = fixed_tokens is not None or cfg.gradient_checkpointing == "off"
+    if given and shared + chosen + per_slot * kv_token > usable:  # what was given leaves no room for one slot
+        option = (f"--micro-batch-size {cfg.micro_batch_size}" if padded else f"--micro-batch-tokens {fixed_tokens}"
+                  ) if fixed_tokens is not None else "--gradient-checkpointing off"  # fmt: skip
+        raise UsageError(f"{option}: the update needs {chosen / GiB:.1f} GiB, too much beside the model's "
+                         f"{shared / GiB:.1f} GiB and one rollout slot in {usable / GiB:.1f} GiB usable: lower it, or "
+                         "leave the memory options at auto")  # fmt: skip
     if slots < 1:
         raise UsageError(
             f"--max-new-tokens {cfg.max_new_tokens}: with --max-prompt-len {cfg.max_prompt_len}, not even one rollout "
