@@ -99,8 +99,9 @@ class Config:
     """Sequences decoding at once (the engine's slots): a finished one's slot is refilled with the next waiting
     completion; 0 = all of the step's at once."""
     rollout_kv_gib: float | Literal["auto"] = "auto"
-    """GiB of the engine's KV cache, allocated once for the run (prompt + max_new_tokens per slot): it caps the slots;
-    'auto' = what the memory plan gives it (grpo.py --plan); 0 = no cap (a cache for every slot asked for)."""
+    """GiB of the engine's KV cache, allocated once for the run (per slot: --max-prompt-len plus the longer of
+    --max-new-tokens and --eval-max-new-tokens): it caps the slots; 'auto' = what the memory plan gives it (grpo.py
+    --plan); 0 = no cap (a cache for every slot asked for)."""
 
     # Objective
     beta: float = 0.0
@@ -159,7 +160,8 @@ class Config:
     logprob_chunk: int = 256
     """Completion positions per lm_head chunk in training log-probs (memory)."""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """Recompute decoder layers in backward (memory); 'auto' = on when the memory plan says activations would not fit."""
+    """Recompute decoder layers in backward (memory): on, off, or 'auto' = on when the memory plan says one
+    full-length sequence's activations would not fit otherwise."""
     steps: int = 1000
     """Optimizer steps (rollouts) in total."""
     seed: int = 0
@@ -197,7 +199,8 @@ class Config:
 
     # Held-out evaluation during training (evaluate.py): the same sampler, policy and reward as the rollouts
     eval_every: int = 0
-    """Evaluate every N steps, at step 0 (unless resuming) and at the end; 0 = off. Needs eval_dataset."""
+    """Evaluate every N steps, at step 0 and at the end (a resumed run first re-runs an evaluation a stop interrupted);
+    0 = off. Needs eval_dataset."""
     eval_dataset: str | None = None
     """Hub id or local .json/.jsonl/.parquet file (fields auto-detected; prompts built like the training ones)."""
     eval_split: str | None = None

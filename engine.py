@@ -1,4 +1,5 @@
-"""The rollout engine: continuous batching over a KV cache it owns, driving transformers' decoder bodies.
+"""The rollout engine: continuous batching over its own KV cache (one per training run, `new_cache`), driving
+transformers' decoder bodies.
 
 At most S sequences ("slots") decode at once. When a sequence ends (EOS or max_new_tokens) its slot is refilled
 with the next waiting job, whose prompt is prefilled together with the other new jobs of that step, so a long tail
@@ -105,9 +106,10 @@ def slots_for(model, kv_gib: float, tokens_per_slot: int, dtype: th.dtype) -> in
 
 
 def slot_count(model, slots: int, jobs: int, kv_gib: float, tokens_per_slot: int) -> int:
-    """Slots for `jobs` completions: `slots` (0: one per job), capped so that the cache fits in `kv_gib` (0: no cap)."""
+    """Slots for `jobs` completions: `slots` (0: one per job), capped so that the cache fits in `kv_gib` (0, or 'auto'
+    not yet planned: no cap)."""
     slots = slots or jobs
-    if kv_gib > 0:
+    if kv_gib != "auto" and kv_gib > 0:
         slots = min(slots, slots_for(model, kv_gib, tokens_per_slot, next(model.parameters()).dtype))
     return slots
 
@@ -146,12 +148,12 @@ def generate(
 ):
     """Sample one completion per job (prompt ids, generator) with at most `slots` sequences in flight (0: all jobs).
 
-    Each iteration admits waiting jobs into free slots (their prompts prefilled together, their first token
-    sampled), then decodes one token for every running sequence. `compact` keeps the running sequences in slots
-    0 … B−1 (a finished sequence's slot is refilled, or, with nobody waiting, the last sequence's K/V moves into it),
-    so the decode step reads the cache as a view and its bookkeeping stays on the device: one host sync per decode
-    step (which rows ended). Without `compact` rows stay where they started and decode gathers their K/V (the
-    benchmark's "before"). `refill` False is static batching, the bench's contender without refill: a finished row
+    Each iteration decodes one token for every running sequence and prefills the waiting jobs admitted to free
+    slots, then samples the next token of all of them in one pass. `compact` keeps the running sequences in slots
+    0 … B−1 (when one ends, the last one's K/V moves into its slot) and admits new jobs at B, B+1, …, so the decode
+    step reads the cache as a view and its bookkeeping stays on the device: one host sync per step (which rows
+    ended). Without `compact` rows stay where they started and decode gathers their K/V (the
+    benchmark's "before"); static batching never compacts. `refill` False is static batching, the bench's contender without refill: a finished row
     keeps its slot and is decoded (and discarded) until the batch's longest row ends, as a fixed batch would.
     `head` is the output layer (default the model's; training passes its fp32 master head when sampling from a bf16
     copy); `cache` a `new_cache` to reuse (default: one allocated for this call). `should_stop()` is polled every
@@ -226,9 +228,27 @@ def generate(
         while True:
             if not refill and slot_job.count(-1) < S and not any(live):  # the static batch is over
                 slot_job = [-1] * S
+            if compact and refill:  # running sequences into slots 0 … B−1: waiting ones then join at B, B+1, …
+                compact_slots(cache, slot_job, slot_len, live, (last, pos, job_of))
+            running = [s for s in range(S) if slot_job[s] >= 0]
             free = [s for s in range(S) if slot_job[s] < 0]
-            if waiting and free and (refill or len(free) == S):  # admit: prefill new jobs together, right-padded
-                new = free[: len(waiting)]
+            new = free[: len(waiting)] if waiting and (refill or len(free) == S) else []
+            if not running and not new:
+                break
+            hidden = []
+            if running:  # one new token per running row, at its own position
+                B = len(running)
+                leading = running[-1] == B - 1  # slots 0 … B−1: the cache is read as a view
+                rows = all_slots[:B] if leading else th.tensor(running, device=device)
+                starts = pos[:B].clone() if leading else pos[rows]
+                step = Step(cache, rows, starts, False, max(slot_len[s] for s in running) + 1, leading=leading)
+                inputs = last[:B] if leading else last[rows]
+                out = body(input_ids=inputs[:, None], position_ids=starts[:, None], use_cache=False, rollout_step=step)
+                hidden.append(out.last_hidden_state[:, -1])
+                for s in running:
+                    slot_len[s] += 1
+                pos[rows] += 1
+            if new:  # admit waiting jobs: their prompts prefilled together, right-padded
                 for s in new:
                     slot_job[s], live[s] = waiting.popleft(), True
                 lens = [len(prompts[slot_job[s]]) for s in new]
@@ -242,28 +262,14 @@ def generate(
                 step = Step(cache, rows, th.zeros(n, dtype=th.long, device=device), True, P)
                 out = body(input_ids=tokens.to(device), position_ids=all_slots.new_tensor(range(P)).expand(n, P),
                            use_cache=False, rollout_step=step)  # fmt: skip
+                hidden.append(out.last_hidden_state[th.arange(n, device=device), lens_t - 1])
                 for s, length in zip(new, lens, strict=True):
                     slot_len[s] = length
-                sample_rows(new, rows, out.last_hidden_state[th.arange(n, device=device), lens_t - 1])
-            if compact and refill:
-                compact_slots(cache, slot_job, slot_len, live, (last, pos, job_of))
-            running = [s for s in range(S) if slot_job[s] >= 0]
-            if not running:
-                if waiting:
-                    continue
-                break
-            # Decode one new token per running row, at its own position.
-            B = len(running)
-            leading = running[-1] == B - 1  # slots 0 … B−1: the cache is read as a view
-            rows = all_slots[:B] if leading else th.tensor(running, device=device)
-            starts = pos[:B].clone() if leading else pos[rows]
-            step = Step(cache, rows, starts, False, max(slot_len[s] for s in running) + 1, leading=leading)
-            inputs = last[:B] if leading else last[rows]
-            out = body(input_ids=inputs[:, None], position_ids=starts[:, None], use_cache=False, rollout_step=step)
-            for s in running:
-                slot_len[s] += 1
-            pos[rows] += 1
-            sample_rows(running, rows, out.last_hidden_state[:, -1])
+            # The next token of every row, decoded and prefilled alike, in one pass over the vocabulary.
+            row_slots = running + new
+            contiguous = row_slots == list(range(len(row_slots)))
+            sample_rows(row_slots, all_slots[: len(row_slots)] if contiguous else th.tensor(row_slots, device=device),
+                        th.cat(hidden))  # fmt: skip
             steps += 1
             if should_stop is not None and steps % stop_check_every == 0 and should_stop():
                 break

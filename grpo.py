@@ -4,7 +4,7 @@ sampled G times (a *group*):
     1. rollout     o_1 … o_G ~ π_old(·|q)                      rollout.rollout (the policy π: policy.LogitAdjust)
     2. reward      r_i = verifier(o_i, gold)                   reward.score
     3. advantage   A_i = r_i relative to its group             group_advantages
-    4. loss        clipped ratio π_θ/π_old times A, + β·KL     policy_loss, on sequence_logprobs
+    4. loss        clipped ratio π_θ/π_old times A, + β·KL     policy_loss, on packing.packed_logprobs
     5. update      one AdamW step over micro-batches and ranks  update
 
 Each equation is written once, in the docstring of the function that computes it. `train` is the loop around
@@ -18,6 +18,8 @@ Each equation is written once, in the docstring of the function that computes it
 
 from __future__ import annotations
 
+import os
+
 from config import Config, check_config, cli_config, exit_on_usage_error
 
 if __name__ == "__main__":  # the command line first, before the heavy imports below: --help and errors in ~1 s
@@ -27,14 +29,11 @@ if __name__ == "__main__":  # the command line first, before the heavy imports b
 
         raise SystemExit(exit_on_usage_error(memory.print_plan, CLI_CONFIG))
     # Before CUDA initialises: the run's one KV cache and the update's activations then do not fragment each other.
-    import os
-
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import dataclasses
 import json
 import math
-import os
 import random
 import re
 import time
@@ -272,8 +271,9 @@ def sequence_logprobs(
 def micro_batches(r: Rollout, loss_mask: th.Tensor, size: int, tokens: int) -> list:
     """The step's micro-batches, this rank's share, as rows of `r`: packed (`tokens` > 0, packing.pack) — the rows
     with a loss token, first-fit into rows of at most `tokens` prompt + completion tokens — or padded, `size`
-    consecutive rows at a time (slices). Every rank gets as many (all-reduced; empty ones are padding passes), so
-    ranks run the same number of forward/backward passes."""
+    consecutive rows at a time (slices). Every rank gets as many (all-reduced; empty ones are one-token padding passes
+    of zero weight), so ranks run the same number of forward/backward passes: collectives inside a pass (sharded
+    weights gathered in forward, gradient hooks) would otherwise wait on a rank that has none left."""
     if not isinstance(tokens, int):
         raise ValueError(
             f"micro_batch_tokens must be a number of tokens ('auto' is resolved by `planned`), got {tokens!r}"
@@ -563,7 +563,7 @@ def train(cfg: Config, score_fn=None) -> Path:
     # One KV cache for the run, at the planned size: every rollout and evaluation decodes in it.
     eval_len = cfg.eval_max_new_tokens or cfg.max_new_tokens
     jobs = max(cfg.prompts_per_step // world_size * cfg.group_size, cfg.eval_samples * len(eval_examples or []))
-    per_slot = cfg.max_prompt_len + max(cfg.max_new_tokens, eval_len)
+    per_slot = cfg.max_prompt_len + max(cfg.max_new_tokens, eval_len if eval_examples is not None else 0)
     kv_cache = new_cache(sampler, slot_count(sampler, cfg.rollout_batch_size, jobs, cfg.rollout_kv_gib, per_slot),
                          per_slot)  # fmt: skip
     run_eval = partial(evaluate.during_training, sampler, tokenizer, eval_examples, adjust, samples=cfg.eval_samples,
@@ -619,11 +619,13 @@ def train(cfg: Config, score_fn=None) -> Path:
     return output_dir
 
 
-def eval_due(cfg: Config, output_dir: Path, step: int, eval_examples) -> bool:
-    """Whether the run starts (or resumes) at a step whose evaluation has no record yet: step 0, or an evaluation
-    step that a stop request interrupted (rank 0's files decide, for every rank)."""
+def eval_due(cfg: Config, output_dir: Path, step: int, eval_examples, fresh: bool) -> bool:
+    """Whether the run starts at a step to evaluate first: step 0 of a `fresh` run, or, resuming, an evaluation step
+    that a stop request interrupted (its record is missing; rank 0's files decide, for every rank)."""
     if eval_examples is None or (step % cfg.eval_every and step != cfg.steps):
         return False
+    if fresh:
+        return step == 0
     return any_rank(world()[0] == 0 and not (output_dir / "eval" / f"step_{step:06d}.jsonl").exists())
 
 
@@ -646,7 +648,7 @@ def planned(cfg: Config, model, device: th.device) -> Config:
     (free memory now plus what the model holds), and the model's decoder checkpointing set as planned; the plan is
     printed. A step that cannot fit stops here with a one-line error naming the option."""
     params = sum(p.numel() for p in model.parameters())
-    free = memory.free_memory(device) + (th.cuda.memory_allocated(device) if device.type == "cuda" else 4 * params)
+    free = memory.free_memory(device) + (th.cuda.memory_reserved(device) if device.type == "cuda" else 4 * params)
     free = -float(all_reduce_max(th.tensor([-free], dtype=th.float64, device=device)))  # the tightest rank's: one plan
     plan = memory.memory_plan(memory.model_shape(model.config, params=params), cfg, device.type, free_bytes=free,
                               world_size=world()[1])  # fmt: skip

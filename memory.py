@@ -19,6 +19,7 @@ the two phases never overlap. GPU figures are estimates until measured (bench.py
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from config import Config, UsageError
@@ -131,14 +132,18 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
     parts.append(("gradients", 4 * P, "× 4 B, during the update only"))
 
     seq = cfg.max_prompt_len + cfg.max_new_tokens  # the longest sequence of the update
-    per_slot = cfg.max_prompt_len + max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0)  # the evaluation's too
+    eval_len = (cfg.eval_max_new_tokens or 0) if cfg.eval_every else 0
+    per_slot = cfg.max_prompt_len + max(cfg.max_new_tokens, eval_len)  # the evaluation decodes in the same cache
     kv_token = 2 * s.layers * s.kv_dim * (2 if bf16 else 4)
     jobs = max(1, cfg.prompts_per_step // world_size * cfg.group_size)
     wanted = min(cfg.rollout_batch_size or jobs, jobs)
     # Rollout scratch: the first prefill (every slot's prompt, ~inference activations of two layers' width), and the
     # per-slot fp32 vocabulary-wide tensors of a decode step (logits, noise, softmax: ~6 of them).
     prefill_token = (2 * s.hidden + s.q_dim + 2 * s.kv_dim + 3 * s.intermediate) * (2 if bf16 else 4) + 4 * s.hidden
-    scratch = lambda slots: slots * (cfg.max_prompt_len * prefill_token + 6 * 4 * s.rows)  # noqa: E731
+
+    def scratch(slots: int) -> float:
+        return slots * (cfg.max_prompt_len * prefill_token + 6 * 4 * s.rows)
+
     shared = sum(b for _, b, _ in parts) - 4 * P  # the gradients are the update's
     ckpt_options = {"on": [True], "off": [False], "auto": [False, True]}[cfg.gradient_checkpointing]
     padded = cfg.micro_batch_tokens == 0
@@ -149,7 +154,8 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
         return 4 * P + tokens * activation_bytes(s, bf16, ckpt) + head + mask
 
     min_tokens = cfg.micro_batch_size * seq if padded else seq
-    fixed_tokens = None if cfg.micro_batch_tokens == "auto" else (min_tokens if padded else cfg.micro_batch_tokens)
+    # A sequence longer than a given budget gets a row of its own (packing.pack): plan for the longer of the two.
+    fixed_tokens = None if cfg.micro_batch_tokens == "auto" else max(min_tokens, cfg.micro_batch_tokens)
     step_tokens = max(jobs * seq, seq)
     for ckpt in ckpt_options:  # without checkpointing first, where 'auto'
         room = usable - shared - max(update_bytes(fixed_tokens or min_tokens, ckpt), scratch(1))  # for the KV cache
@@ -159,11 +165,8 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
                 slots -= 1
             fits = slots == wanted
         else:
-            slots = (
-                wanted
-                if cfg.rollout_kv_gib == 0
-                else min(wanted, int(cfg.rollout_kv_gib * GiB // (per_slot * kv_token)))
-            )
+            capped = max(1, round(cfg.rollout_kv_gib * GiB) // (per_slot * kv_token))  # as engine.slots_for
+            slots = wanted if cfg.rollout_kv_gib == 0 else min(wanted, capped)
             fits = room >= slots * per_slot * kv_token
         if fits:
             break
@@ -177,11 +180,17 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
     chosen = update_bytes(fixed_tokens or min_tokens, ckpt)
     given = fixed_tokens is not None or cfg.gradient_checkpointing == "off"
     if given and shared + chosen + per_slot * kv_token > usable:  # what was given leaves no room for one slot
-        option = (f"--micro-batch-size {cfg.micro_batch_size}" if padded else f"--micro-batch-tokens {fixed_tokens}"
-                  ) if fixed_tokens is not None else "--gradient-checkpointing off"  # fmt: skip
+        if fixed_tokens is None:
+            option = "--gradient-checkpointing off"
+        else:
+            option = f"--micro-batch-size {cfg.micro_batch_size}" if padded else f"--micro-batch-tokens {fixed_tokens}"
         raise UsageError(f"{option}: the update needs {chosen / GiB:.1f} GiB, too much beside the model's "
                          f"{shared / GiB:.1f} GiB and one rollout slot in {usable / GiB:.1f} GiB usable: lower it, or "
                          "leave the memory options at auto")  # fmt: skip
+    if cfg.rollout_kv_gib != "auto" and shared + chosen + slots * per_slot * kv_token > usable:
+        raise UsageError(f"--rollout-kv-gib {cfg.rollout_kv_gib}: {slots} slots ({slots * per_slot * kv_token / GiB:.1f} "
+                         f"GiB) do not fit beside the model's {shared / GiB:.1f} GiB and one sequence's update in "
+                         f"{usable / GiB:.1f} GiB usable: lower it, or use auto")  # fmt: skip
     if slots < 1:
         raise UsageError(
             f"--max-new-tokens {cfg.max_new_tokens}: with --max-prompt-len {cfg.max_prompt_len}, not even one rollout "
@@ -200,7 +209,8 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
     parts.append(("rollout scratch", scratch(slots), f"prefill of {slots} prompts, logits over {s.rows:,} rows"))
     how = f"{tokens:,} tokens × {activation_bytes(s, bf16, ckpt) / 1024:.0f} KiB (checkpointing {'on' if ckpt else 'off'})"
     parts.append(("update activations", update_bytes(tokens, ckpt) - 4 * P, how + (", padded" if padded else "")))
-    plan = Plan(parts, usable, device, slots, kv / GiB, 0 if padded else tokens, ckpt)
+    budget = 0 if padded else (cfg.micro_batch_tokens if fixed_tokens is not None else tokens)  # as given, if given
+    plan = Plan(parts, usable, device, slots, kv / GiB, budget, ckpt)
     if plan.peak > usable:
         option = "--micro-batch-tokens" if fixed_tokens is not None and not padded else (
             "--micro-batch-size" if padded else "--rollout-kv-gib")  # fmt: skip
@@ -221,12 +231,18 @@ def plan_config(model: str):
 
         reader = GGUFReader(model)
         arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-        get = lambda key: int(reader.fields[f"{arch}.{key}"].parts[-1][0])  # noqa: E731
+
+        def get(key: str, default=None):
+            field_ = reader.fields.get(f"{arch}.{key}")
+            return int(field_.parts[-1][0]) if field_ is not None else default
+
         tied = not any(t.name == "output.weight" for t in reader.tensors)
-        return LlamaConfig(hidden_size=get("embedding_length"), intermediate_size=get("feed_forward_length"),
-                           num_hidden_layers=get("block_count"), num_attention_heads=get("attention.head_count"),
-                           num_key_value_heads=get("attention.head_count_kv"), vocab_size=get("vocab_size"),
-                           tie_word_embeddings=tied)  # fmt: skip
+        heads, hidden = get("attention.head_count"), get("embedding_length")
+        vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+        return LlamaConfig(hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+                           num_hidden_layers=get("block_count"), num_attention_heads=heads,
+                           num_key_value_heads=get("attention.head_count_kv"), vocab_size=vocab,
+                           head_dim=get("attention.key_length", hidden // heads), tie_word_embeddings=tied)  # fmt: skip
     try:
         return AutoConfig.from_pretrained(model)
     except OSError:
@@ -243,9 +259,9 @@ def print_plan(cfg: Config) -> None:
 
     config = plan_config(cfg.model)
     shape = model_shape(config, cfg.reasoning_vocab_size)
-    world_size = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.plan_memory_gib:
-        device, where, plan = "cuda", f"a {cfg.plan_memory_gib:g} GiB GPU (--plan-memory-gib)", None
+        where = f"a {cfg.plan_memory_gib:g} GiB GPU (--plan-memory-gib)"
         plan = memory_plan(shape, cfg, "cuda", memory_gib=cfg.plan_memory_gib, world_size=world_size)
     else:
         device = th.device("cuda" if th.cuda.is_available() and cfg.device != "cpu" else "cpu")
@@ -273,8 +289,6 @@ def format_plan(plan: Plan) -> str:
 
 def free_memory(device) -> float:
     """Bytes free on `device` now: CUDA's free memory, or on CPU the available RAM shared by this node's ranks."""
-    import os
-
     import torch as th
 
     if device.type == "cuda":

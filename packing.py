@@ -5,8 +5,8 @@ a token budget long, instead of a (B, P + T) block padded to its longest prompt 
     logp, T = packed_logprobs(model, r, rows, adjust, chunk)  # (len(rows), T), as the padded path returns them
 
 Each sequence keeps its own positions (0, 1, … restarting per sequence) and attends only to itself: the decoder body
-runs with our registered attention (`packed_attention`, one causal SDPA per sequence: FlashAttention's kernel on GPU,
-no (N, N) mask anywhere), so packing changes no log-prob beyond float rounding. A completion token is scored from
+runs with our registered attention (`packed_attention`, one causal SDPA per sequence: on GPU in bf16 that is
+FlashAttention's kernel; no (N, N) mask anywhere), so packing changes no log-prob beyond float rounding. A completion token is scored from
 the hidden state just before it in its own sequence, so no label ever crosses into the next sequence; every loss
 normaliser is counted on the original sequences by the caller (grpo.update), so the loss and gradient equal the
 padded update's.
@@ -47,10 +47,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     (1, N, H, D), with `packed_lengths` the sequences' lengths (summing to N)."""
     if packed_lengths is None:
         raise RuntimeError("packed_attention needs packed_lengths (packing.packed_logprobs passes them)")
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise NotImplementedError("the packed update attends over whole sequences: no sliding window, no softcap")
     outs, start = [], 0
     for n in packed_lengths:
         q, k, v = (x[:, :, start : start + n] for x in (query, key, value))
-        outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True))
+        outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                   enable_gqa=True))  # fmt: skip
         start += n
     return th.cat(outs, 2).transpose(1, 2).contiguous(), None
 
@@ -81,9 +84,12 @@ def packed_logprobs(model, r, rows: list[int], adjust: LogitAdjust, chunk: int =
     (len(rows), T) fp32, zero beyond each completion, with T the longest completion among them. No rows: one token
     through the body and the output layer, so that every rank runs as many passes (its log-probs count nowhere)."""
     device = r.completion_ids.device
-    if not rows:
-        hidden = model.base_model(input_ids=r.completion_ids[:1, :1], use_cache=False).last_hidden_state[0]
-        return token_logprobs(model, adjust, hidden, r.completion_ids[0, :1], None, chunk)[None] * 0.0, 1
+    if not rows:  # a padding pass: the first row's last prompt token, a sequence of one, through body and head
+        with using_attention(model, ATTENTION):
+            hidden = model.base_model(input_ids=r.prompt_ids[:1, -1:], position_ids=th.zeros_like(r.prompt_ids[:1, -1:]),
+                                      use_cache=False, packed_lengths=[1]).last_hidden_state[0]  # fmt: skip
+        flags = r.start_inside[:1] if adjust.vocab is not None else None
+        return token_logprobs(model, adjust, hidden, r.completion_ids[0, :1], flags, chunk)[None] * 0.0, 1
     index = th.tensor(rows, device=device)
     completion_mask = r.completion_mask[index]
     plen, n = th.stack([r.prompt_mask[index].sum(-1), completion_mask.sum(-1)]).tolist()  # one host sync

@@ -27,18 +27,35 @@ def run_engine(model, adjust, prompts=PROMPTS, seed=0, **kw):
 
 
 @pytest.mark.parametrize("slots", [1, 3, 0])
-@pytest.mark.parametrize("refill", [True, False])
-def test_engine_samples_what_the_reference_loop_samples_in_any_slot(slots, refill):
+@pytest.mark.parametrize("refill, compact", [(True, True), (True, False), (False, True)])
+def test_engine_samples_what_the_reference_loop_samples_in_any_slot(slots, refill, compact):
     model = tiny_model(64)
     adjust = plain_adjust(64, temperature=0.9, num_tokens=60)
     adjust.bias[1] += 3.0  # EOS is likely: rows end at different steps and slots are refilled
     ref = rollout.sample(model, PROMPTS, adjust, max_new_tokens=20, eos_ids=[1], pad_id=0, generator=generators(8))
-    ids, mask, truncated, logp, entropy, _ = run_engine(model, adjust, slots=slots, refill=refill)
+    ids, mask, truncated, logp, entropy, _ = run_engine(model, adjust, slots=slots, refill=refill, compact=compact)
     assert len(set(ref.completion_mask.sum(-1).tolist())) > 2
     assert th.equal(ids, ref.completion_ids) and th.equal(mask, ref.completion_mask)
     assert th.equal(truncated, ref.truncated)
     assert (logp - ref.logp).abs().max() < 1e-5
     assert ((entropy - ref.entropy) * mask).abs().max() < 1e-4
+
+
+def test_one_cache_serves_every_rollout_of_a_run():
+    """A run's KV cache (engine.new_cache) is reused by rollouts of other prompts, lengths and slot counts: what an
+    earlier rollout left in it is never read, and a rollout that needs more than it holds is refused."""
+    model = tiny_model(64)
+    adjust = plain_adjust(64, temperature=0.9, num_tokens=60)
+    adjust.bias[1] += 3.0
+    cache = engine.new_cache(model, 3, 6 + 20)
+    fresh = run_engine(model, adjust, PROMPTS, seed=2, slots=3)
+    run_engine(model, adjust, [p[::-1] * 1 for p in PROMPTS[:5]], seed=1, slots=2, cache=cache)  # leaves K/V behind
+    again = run_engine(model, adjust, PROMPTS, seed=2, slots=3, cache=cache)
+    assert all(th.equal(a, b) for a, b in zip(fresh[:4], again[:4], strict=True))
+    with pytest.raises(ValueError, match="the KV cache holds 3 slots"):
+        run_engine(model, adjust, PROMPTS, slots=4, cache=cache)
+    with pytest.raises(ValueError, match="26 tokens"):
+        run_engine(model, adjust, PROMPTS, slots=3, cache=cache, max_new_tokens=21)
 
 
 def test_engine_logprobs_equal_training_logprobs_with_the_gate(tiny_tokenizer):
@@ -104,7 +121,7 @@ def test_preemption_request_stops_the_engine_promptly():
         return True
 
     _, mask, _, _, _, _ = run_engine(model, adjust, max_new_tokens=200, slots=4, should_stop=should_stop)
-    assert len(polls) == 1 and mask.sum(-1).max() <= 9  # stopped at the first check: the prefill's token + 8 steps
+    assert len(polls) == 1 and mask.sum(-1).max() <= 8  # stopped at the first check (every 8 steps)
 
 
 def test_bf16_sampling_copy_follows_the_master_weights():
@@ -179,19 +196,3 @@ def test_sampler_correction_is_a_no_op_when_sampler_and_trainer_agree(correction
     plain, _ = _loss("none", None)
     corrected, stats = _loss(correction, logp_value)
     assert corrected.item() == plain.item() and stats["sampler_kl"] == 0.0
-
-
-def test_gpu_bench_sections_dry_run_on_cpu(monkeypatch):
-    """bench.py --device cuda's new sections run end to end (on CPU, a tiny shape): the real-shaped step plans,
-    rolls out in the run's cache and takes the packed update; the report renders without a failed section."""
-    import bench_common
-    import bench_gpu
-
-    monkeypatch.setattr(bench_gpu, "DEV", "cpu")
-    monkeypatch.setattr(bench_common, "DEV", "cpu")
-    shape = dict(hidden=16, layers=2, heads=2, kv_heads=1, head_dim=8, intermediate=32)
-    g = bench_gpu.bench_gpu(shape, step_n=12, step_jobs=6, only=("decode_syncs", "real_step"))
-    assert "error" not in g["decode_syncs"] and "error" not in g["real_step"], g
-    m = g["real_step"]
-    assert m["tokens"] > 0 and m["update_tokens"] >= 12 and m["finished"] and "choices:" in m["plan"]
-    assert "one GRPO step's time split" in bench_gpu.gpu_report(g)

@@ -74,9 +74,17 @@ def test_plan_respects_the_options_given():
 
 @pytest.mark.parametrize(
     "gib, kw, option",
-    [(20, {}, "--model"), (21.9, {}, "--max-new-tokens"), (200, {"micro_batch_tokens": 10**7}, "--micro-batch-tokens"),
-     (80, {"micro_batch_tokens": 0, "micro_batch_size": 16, "gradient_checkpointing": "off"}, "--micro-batch-size 16"),
-     (25, {"gradient_checkpointing": "off"}, "--gradient-checkpointing off")],
+    [
+        (20, {}, "--model"),
+        (21.9, {}, "--max-new-tokens"),
+        (200, {"micro_batch_tokens": 10**7}, "--micro-batch-tokens"),
+        (
+            80,
+            {"micro_batch_tokens": 0, "micro_batch_size": 16, "gradient_checkpointing": "off"},
+            "--micro-batch-size 16",
+        ),
+        (25, {"gradient_checkpointing": "off"}, "--gradient-checkpointing off"),
+    ],
 )
 def test_impossible_plan_is_one_line_naming_the_option(gib, kw, option):
     with pytest.raises(UsageError, match=f"^{option}") as e:

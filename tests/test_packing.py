@@ -133,6 +133,24 @@ def test_empty_micro_batches_pad_a_rank_without_changing_the_update(monkeypatch)
     assert (alone - padded).abs().max() < 1e-7
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_padding_passes_work_with_checkpointing_and_the_gate(tiny_tokenizer, monkeypatch, checkpointing):
+    """The empty micro-batch's one-token pass runs with the packed attention in forward and in a checkpointed
+    recomputation, and with the reasoning vocabulary's gate, and changes nothing."""
+    model, adjust, prompts = gated_case(tiny_tokenizer, tie=True)
+    r = rollout.sample(model, prompts, adjust, max_new_tokens=8, eos_ids=[tiny_tokenizer.eos_token_id],
+                       pad_id=tiny_tokenizer.pad_token_id, generator=th.Generator().manual_seed(1))  # fmt: skip
+    adv = th.linspace(-1, 1, len(prompts))
+    cfg = tiny_cfg(micro_batch_tokens=40, max_new_tokens=8)
+    weights = []
+    for extra in (0, 2):
+        m = gated_case(tiny_tokenizer, tie=True)[0]
+        checkpoints.decoder_checkpointing(m.train(), checkpointing)
+        monkeypatch.setattr(grpo, "all_reduce_max", lambda t, extra=extra: t + extra)
+        weights.append(update_weights(m, r, adjust, adv, cfg)[0])
+    assert (weights[0] - weights[1]).abs().max() < 1e-7
+
+
 def test_auto_budget_must_be_planned_first():
     r = _rollout(tiny_model(32), plain_adjust(32))
     with pytest.raises(ValueError, match="resolved by `planned`"):
