@@ -480,13 +480,9 @@ def rollout_and_score(cfg: Config, sampler, model, tokenizer, adjust: LogitAdjus
     G = cfg.group_size
     prompts = [ex.prompt_ids for ex in batch for _ in range(G)]
     seeds = [sample_seed(cfg.seed, step, ex.index, round_ * G + j) for ex in batch for j in range(G)]
-    slots = (
-        len(cache[0][0])
-        if cache is not None
-        else slot_count(
-            sampler, cfg.rollout_batch_size, len(prompts), cfg.rollout_kv_gib, cfg.max_prompt_len + cfg.max_new_tokens
-        )
-    )
+    per_slot = cfg.max_prompt_len + cfg.max_new_tokens
+    slots = len(cache[0][0]) if cache else slot_count(sampler, cfg.rollout_batch_size, len(prompts), cfg.rollout_kv_gib,
+                                                      per_slot)  # fmt: skip
     r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
                 slots=slots, cache=cache, head=model.get_output_embeddings(), should_stop=stop_requested,
                 progress_every=30.0 if world()[0] == 0 else 0.0)  # fmt: skip
@@ -570,9 +566,8 @@ def train(cfg: Config, score_fn=None) -> Path:
                        max_new_tokens=eval_len, top_p=cfg.top_p, batch_size=len(kv_cache[0][0]), seed=cfg.seed,
                        head=model.get_output_embeddings(), score_fn=score_fn, output_dir=output_dir,
                        steps=cfg.steps, should_stop=stop_requested, cache=kv_cache)  # fmt: skip
-    if eval_due(
-        cfg, output_dir, step, eval_examples
-    ):  # the starting point (or one a stop interrupted), on its own line
+    # The starting point, or an evaluation a stop interrupted, on a line of its own.
+    if eval_due(cfg, output_dir, step, eval_examples, fresh=resume_from is None):
         m = {"step": step, **run_eval(step)}
         if main_rank and len(m) > 1:
             log_step(output_dir, m, cfg.steps, run)
