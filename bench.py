@@ -3,17 +3,19 @@
     uv run --extra demo --extra bench python bench.py   # prints the table (CPU, ~15 minutes on 2 cores)
     uv run --extra demo --extra bench python bench.py --json out.json   # also writes the figures
     uv run --extra demo python bench.py --only engine --json out.json   # the engine's section alone (~8 minutes)
+    uv run --extra demo python bench.py --only packed     # packed update, gather-free decode, the plan (~4 minutes)
     python bench.py --device cuda [--json out.json]     # the GPU sections
 
 Keys: `logprob_mem_ratio` (chunked log-prob + loss forward/backward peak memory ÷ a naive full log_softmax),
 `mask_overhead` and `mask_speedup_vs_text_processor` (the reasoning-vocabulary gate), `rollout_speedup_vs_hf`
 (the engine ÷ HF `generate`, fixed lengths), `engine_speedup_vs_hf` and `engine_speedup_vs_no_refill` (a GRPO-like
 variable-length workload), `step_speedup_vs_trl` (one GRPO step ÷ TRL's GRPOTrainer's, bench_trl.py) and
-`update_scaling` (one `grpo.update` against completion length and group size). On CPU, memory is the peak resident
-set (`ru_maxrss`) of a fresh subprocess minus its resident set just before the measured computation; on GPU, the
-peak allocated memory. `--device cuda` (bench_gpu.py) measures the engine on a Qwen3-0.6B-shaped model: against HF
-`generate` at B = 64, on 128 completions of up to 8,192 tokens with the vocabulary doubled (fraction of the HBM
-bound), one GRPO step before/after, and the earlier memory figures.
+`update_scaling` (one `grpo.update` against completion length and group size), and bench_packed.py's
+`update_speedup_packed`, `update_mem_ratio_packed`, `decode_gather_free_speedup`, `plan_update_error` and
+`plan_kv_error`. On CPU, memory is the peak resident set (`ru_maxrss`) of a fresh subprocess minus its resident set
+just before the measured computation; on GPU, the peak allocated memory. `--device cuda` (bench_gpu.py) measures the engine on a Qwen3-0.6B-shaped model against HF
+`generate` at B = 64, host syncs per decode step, and one real-shaped GRPO step as training runs it (the memory
+plan vs the measured peak, decode tokens/s at up to 8,192 tokens as a fraction of the HBM bound, the time split).
 """
 
 from __future__ import annotations
@@ -252,7 +254,7 @@ def child_update(T: int, G: int = 1, micro: int = 1) -> dict:
     model.train()
     adjust = qwen3_adjust(QWEN3_ROWS, None)
     opt = th.optim.AdamW(model.parameters(), lr=1e-6)
-    cfg = grpo.Config(micro_batch_size=micro, max_new_tokens=T)
+    cfg = grpo.Config(micro_batch_size=micro, micro_batch_tokens=0, max_new_tokens=T)  # padded, as first measured
 
     def step(r):
         advantages = th.linspace(-1, 1, r.completion_ids.shape[0])

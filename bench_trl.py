@@ -219,7 +219,7 @@ def ours_stepper(model_dir: str, prompts: list[str], group_size: int, max_new_to
         top_p=1.0,
         max_new_tokens=max_new_tokens,
         rollout_batch_size=0,  # all B sequences in one sample() call, as TRL's one generate call
-        micro_batch_size=len(prompts) * group_size,  # one forward/backward, as TRL's
+        micro_batch_tokens=2**31 - 1,  # every sequence in one packed forward/backward, as TRL's one padded one
         beta=0.0,
         num_iterations=1,
         loss_type="token",
