@@ -85,23 +85,33 @@ AttentionInterface.register(ATTENTION, engine_attention)
 
 
 @contextmanager
-def engine_attention_on(model):
-    """Switch the model's attention to the engine's for the rollout, and back afterwards (training uses SDPA)."""
+def using_attention(model, name: str):
+    """Run `model` with the registered attention `name` inside the block (the engine's for a rollout, the packed
+    update's for a micro-batch), and its own afterwards (SDPA)."""
     config = model.config
     before = config._attn_implementation
-    config._attn_implementation = ATTENTION
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = before
 
 
+def kv_layout(model) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of the model's K and V: what each cached token holds, twice (K and V)."""
+    c = model.config.get_text_config()
+    return (
+        c.num_hidden_layers,
+        c.num_key_value_heads,
+        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+    )
+
+
 def slots_for(model, kv_gib: float, tokens_per_slot: int, dtype: th.dtype) -> int:
     """How many slots a KV cache of `kv_gib` GiB holds: each slot keeps K and V for `tokens_per_slot` tokens in every
     layer (2 · layers · kv_heads · head_dim · bytes per token)."""
-    c = model.config.get_text_config()
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * th.finfo(dtype).bits // 8
+    layers, kv_heads, head_dim = kv_layout(model)
+    per_token = 2 * layers * kv_heads * head_dim * th.finfo(dtype).bits // 8
     return max(1, round(kv_gib * 2**30) // (per_token * tokens_per_slot))
 
 
@@ -118,11 +128,10 @@ def new_cache(model, slots: int, tokens: int) -> list:
     """The engine's KV cache for `slots` sequences of up to `tokens` tokens: per layer [K, V], each (slots, KV_H,
     tokens, D) in the model's dtype. Allocated once for a training run and handed to every rollout and evaluation
     (`generate(cache=...)`), so no rollout allocates (and fragments) tens of GiB afresh."""
-    c = model.config.get_text_config()
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    layers, kv_heads, head_dim = kv_layout(model)
     p = next(model.parameters())
-    shape = (slots, c.num_key_value_heads, tokens, head_dim)
-    return [[p.new_zeros(shape), p.new_zeros(shape)] for _ in range(c.num_hidden_layers)]
+    shape = (slots, kv_heads, tokens, head_dim)
+    return [[p.new_zeros(shape), p.new_zeros(shape)] for _ in range(layers)]
 
 
 @th.no_grad()
@@ -152,9 +161,9 @@ def generate(
     slots, then samples the next token of all of them in one pass. `compact` keeps the running sequences in slots
     0 … B−1 (when one ends, the last one's K/V moves into its slot) and admits new jobs at B, B+1, …, so the decode
     step reads the cache as a view and its bookkeeping stays on the device: one host sync per step (which rows
-    ended). Without `compact` rows stay where they started and decode gathers their K/V (the
-    benchmark's "before"); static batching never compacts. `refill` False is static batching, the bench's contender without refill: a finished row
-    keeps its slot and is decoded (and discarded) until the batch's longest row ends, as a fixed batch would.
+    ended). Without `compact` rows stay where they started and decode gathers their K/V (the benchmark's "before").
+    `refill` False is static batching, the bench's contender without refill: a finished row keeps its slot and is
+    decoded (and discarded) until the batch's longest row ends, as a fixed batch would (it never compacts).
     `head` is the output layer (default the model's; training passes its fp32 master head when sampling from a bf16
     copy); `cache` a `new_cache` to reuse (default: one allocated for this call). `should_stop()` is polled every
     `stop_check_every` steps and ends the rollout early (the caller discards it); `progress_every` > 0 prints
@@ -224,7 +233,7 @@ def generate(
                 if refill:
                     slot_job[s] = -1
 
-    with engine_attention_on(model):
+    with using_attention(model, ATTENTION):
         while True:
             if not refill and slot_job.count(-1) < S and not any(live):  # the static batch is over
                 slot_job = [-1] * S

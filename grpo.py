@@ -559,7 +559,7 @@ def train(cfg: Config, score_fn=None) -> Path:
     # One KV cache for the run, at the planned size: every rollout and evaluation decodes in it.
     eval_len = cfg.eval_max_new_tokens or cfg.max_new_tokens
     jobs = max(cfg.prompts_per_step // world_size * cfg.group_size, cfg.eval_samples * len(eval_examples or []))
-    per_slot = cfg.max_prompt_len + max(cfg.max_new_tokens, eval_len if eval_examples is not None else 0)
+    per_slot = memory.tokens_per_slot(cfg)
     kv_cache = new_cache(sampler, slot_count(sampler, cfg.rollout_batch_size, jobs, cfg.rollout_kv_gib, per_slot),
                          per_slot)  # fmt: skip
     run_eval = partial(evaluate.during_training, sampler, tokenizer, eval_examples, adjust, samples=cfg.eval_samples,

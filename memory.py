@@ -79,6 +79,13 @@ def model_shape(config, reasoning_vocab_size: int = 0, params: int | None = None
     return Shape(params, layers, H, q, kv, width, rows)
 
 
+def tokens_per_slot(cfg: Config) -> int:
+    """Tokens each slot of the run's KV cache holds: the longest prompt and the longer of a rollout's and an
+    evaluation's completions (the evaluation decodes in the same cache)."""
+    eval_len = (cfg.eval_max_new_tokens or 0) if cfg.eval_every else 0
+    return cfg.max_prompt_len + max(cfg.max_new_tokens, eval_len)
+
+
 def activation_bytes(s: Shape, bf16: bool, checkpointing: bool) -> float:
     """Saved activations of the update per token (all layers), plus the output layer's per-token tensors (the final
     hidden state, its gather and their gradients, fp32)."""
@@ -132,8 +139,7 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
     parts.append(("gradients", 4 * P, "× 4 B, during the update only"))
 
     seq = cfg.max_prompt_len + cfg.max_new_tokens  # the longest sequence of the update
-    eval_len = (cfg.eval_max_new_tokens or 0) if cfg.eval_every else 0
-    per_slot = cfg.max_prompt_len + max(cfg.max_new_tokens, eval_len)  # the evaluation decodes in the same cache
+    per_slot = tokens_per_slot(cfg)
     kv_token = 2 * s.layers * s.kv_dim * (2 if bf16 else 4)
     jobs = max(1, cfg.prompts_per_step // world_size * cfg.group_size)
     wanted = min(cfg.rollout_batch_size or jobs, jobs)

@@ -14,12 +14,13 @@ padded update's.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch as th
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from engine import using_attention
 from policy import LogitAdjust, token_logprobs
 
 ATTENTION = "packed_sdpa"
@@ -59,18 +60,6 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
-
-
-@contextmanager
-def using_attention(model, name: str):
-    """Run `model` with the registered attention `name` inside the block, and its own afterwards."""
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
 
 
 def attention_for(model, rows):
