@@ -31,8 +31,10 @@ pytestmark = [
     ),
 ]
 
-# On the CPU-only test node: no GPUs (overrides launch.sh's --gpus-per-node=4), 2 CPUs (its 16 would not fit).
-SBATCH = ["sbatch", "--parsable", "--job-name=grpo-test", "--gpus-per-node=0", "--cpus-per-task=2"]
+# On the CPU-only test node: no GPUs (overrides launch.sh's --gpus-per-node=4), and the machine's cores (launch.sh's 16
+# would not fit), shared by the simulated nodes of a multi-node job: they all run on this one machine, and two nodes
+# each told they have every core run one trainer thread per core too many, which made steps 5-50x slower on 2 cores.
+SBATCH = ["sbatch", "--parsable", "--job-name=grpo-test", "--gpus-per-node=0"]
 
 
 def tiny_args(model_dir: Path, out: Path, **kw) -> list[str]:
@@ -47,7 +49,8 @@ def submit(log: Path, grpo_args: list[str], wait: bool, timeout: float, nodes: i
     node on several; `env` is added to the job's environment. Prints the job id."""
     env = {k: v for k, v in os.environ.items() if k != "OUTPUT_DIR"} | {"NPROC_PER_NODE": str(2 // nodes or 1)} | env
     # `timeout`: sbatch --wait polls forever if the controller dies.
-    cmd = ["timeout", str(timeout), *SBATCH, f"--nodes={nodes}", *(["--wait"] if wait else []), f"--output={log}"]
+    cpus = f"--cpus-per-task={max(1, (os.cpu_count() or 2) // nodes)}"
+    cmd = ["timeout", str(timeout), *SBATCH, cpus, f"--nodes={nodes}", *(["--wait"] if wait else []), f"--output={log}"]
     return subprocess.Popen([*cmd, "launch.sh", *grpo_args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
 
 
