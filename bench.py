@@ -180,8 +180,8 @@ def bench_rollout(model, V: int, adjust: policy.LogitAdjust, B: int, P: int, N: 
     gc_ = hf_sampling_config(model, N, None, pad_id)  # never stops early: EOS disabled
 
     def ours():
-        gens = [th.Generator().manual_seed(i) for i in range(B)]
-        ids = engine.generate(model, prompts, gens, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=pad_id, slots=B)[0]
+        seeds = list(range(B))
+        ids = engine.generate(model, prompts, seeds, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=pad_id, slots=B)[0]
         assert ids.shape == (B, N)
 
     def hf():
@@ -324,8 +324,8 @@ def engine_contest(model, prompts: list[list[int]], adjust, eos_ids: list[int], 
         return lengths
 
     def ours(refill: bool) -> list[int]:
-        gens = [th.Generator().manual_seed(i) for i in range(len(prompts))]
-        mask = engine.generate(model, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos_ids, pad_id=pad_id,
+        seeds = list(range(len(prompts)))
+        mask = engine.generate(model, prompts, seeds, adjust, max_new_tokens=N, eos_ids=eos_ids, pad_id=pad_id,
                                slots=S, refill=refill)[1]  # fmt: skip
         return mask.sum(-1).tolist()
 
@@ -504,6 +504,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU sections")
     parser.add_argument("--only", choices=list(SECTIONS), nargs="+", help="run just these CPU sections")
+    parser.add_argument("--rollout-limit-s", type=float, default=240.0,
+                        help="--device cuda: stop the real-shaped step's rollout after this many seconds")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     args = parser.parse_args(argv)
     if args.child:
@@ -520,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda":
         if not th.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is visible")
-        results["gpu"] = bench_gpu.bench_gpu()
+        results["gpu"] = bench_gpu.bench_gpu(rollout_limit_s=args.rollout_limit_s)
         results["seconds"] = time.perf_counter() - t0
         print(bench_gpu.gpu_report(results["gpu"]))
         print(f"\ntotal {results['seconds']:.0f} s")

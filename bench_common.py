@@ -207,8 +207,8 @@ def bench_mask_overhead(model=None, B: int = 8, P: int = 32, N: int = 32, device
     sampler = rollout.sampling_copy(model) if device == "cuda" else model
 
     def run(adjust):
-        gens = [th.Generator(device).manual_seed(i) for i in range(B)]
-        engine.generate(sampler, prompts, gens, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, slots=B,
+        seeds = list(range(B))
+        engine.generate(sampler, prompts, seeds, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, slots=B,
                         head=model.get_output_embeddings())  # fmt: skip
 
     times = {"mask": [], "none": []}

@@ -16,6 +16,7 @@ import checkpoints
 import engine
 import grpo
 import memory
+import noise
 import policy
 import rollout
 from bench_common import (
@@ -87,8 +88,8 @@ def gpu_rollout(model, B: int, P: int = 64, N: int = 128) -> dict:
     gen_cfg = hf_sampling_config(model, N, None, QWEN3_BASE)  # EOS off
 
     def engine_run(n: int = N):
-        gens = [th.Generator(DEV).manual_seed(i) for i in range(B)]
-        out = engine.generate(bf16, prompts, gens, adjust, max_new_tokens=n, eos_ids=[-1], pad_id=QWEN3_BASE, slots=B,
+        seeds = list(range(B))
+        out = engine.generate(bf16, prompts, seeds, adjust, max_new_tokens=n, eos_ids=[-1], pad_id=QWEN3_BASE, slots=B,
                               head=model.get_output_embeddings())  # fmt: skip
         assert out[0].shape == (B, n)
 
@@ -179,9 +180,9 @@ def gpu_real_step(model, jobs: int = 128, N: int = 8192, mean: int = 2700, rollo
         steps[0] += 8
         return time.perf_counter() - t0 > rollout_limit_s
 
-    gens = [th.Generator(DEV).manual_seed(i) for i in range(jobs)]
+    seeds = list(range(jobs))
     out = []
-    t_rollout = seconds(lambda: out.append(rollout.generate(bf16, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos,
+    t_rollout = seconds(lambda: out.append(rollout.generate(bf16, prompts, seeds, adjust, max_new_tokens=N, eos_ids=eos,
                         pad_id=0, slots=plan.slots, cache=cache, should_stop=count_steps,
                         head=model.get_output_embeddings())))  # fmt: skip
     r = out[0]
@@ -219,13 +220,13 @@ def gpu_decode_syncs(model, jobs: int = 32, N: int = 128) -> dict:
     adjust.bias = adjust.bias.to(DEV)
     bf16 = rollout.sampling_copy(model)
     prompts = th.randint(0, QWEN3_BASE, (jobs, 64), generator=th.Generator().manual_seed(5)).tolist()
-    gens = [th.Generator(DEV).manual_seed(i) for i in range(jobs)]
+    seeds = list(range(jobs))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if DEV == "cuda":
             th.cuda.set_sync_debug_mode("warn")
         try:
-            engine.generate(bf16, prompts, gens, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, slots=jobs,
+            engine.generate(bf16, prompts, seeds, adjust, max_new_tokens=N, eos_ids=[-1], pad_id=0, slots=jobs,
                             head=model.get_output_embeddings())  # fmt: skip
         finally:
             if DEV == "cuda":
@@ -233,6 +234,37 @@ def gpu_decode_syncs(model, jobs: int = 32, N: int = 128) -> dict:
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     return {"jobs": jobs, "decode_steps": N - 1, "syncs": len(syncs), "syncs_per_step": len(syncs) / (N - 1),
             "kinds": sorted({m.split("\n")[0][:120] for m in syncs})[:8]}  # fmt: skip
+
+
+def gpu_noise(B: int = 128, V: int = DOUBLED) -> dict:
+    """One decode step's sampling noise for B rows: noise.row_uniforms (one kernel for the batch) vs a generator per
+    row (one uniform_ kernel each, the engine before it), and Philox's known answer drawn on the device."""
+    seeds, steps = noise.row_seeds(list(range(B)), DEV), th.zeros(B, dtype=th.long, device=DEV)
+    gens = [th.Generator(DEV).manual_seed(i) for i in range(B)]
+    u = th.empty(B, V, device=DEV)
+
+    def per_row():
+        for row, g in zip(u, gens, strict=True):
+            row.uniform_(generator=g)
+
+    runs = {"per_row": per_row, "batched": lambda: noise.row_uniforms(seeds, steps, V)}
+    for fn in runs.values():
+        fn()  # warm-up (the kernel's compilation)
+    t = {k: min(seconds(fn) for _ in range(20)) for k, fn in runs.items()}
+    first = noise.row_uniforms(seeds[:1], steps[:1], 1)[0, 0].item()  # seed 0, counter 0: Philox → 0x6627e8d5
+    # The engine and the reference loop draw the same noise on the device: the same completions (a tiny fp32 model,
+    # EOS likely so that rows end apart and 3 slots are refilled).
+    tiny = random_qwen3(64, hidden=32, layers=2, device=DEV)
+    bias = policy.padding_bias(64, 60, 64).to(DEV)
+    bias[1] += 3.0
+    small, prompts = policy.LogitAdjust(0.9, bias), [[5, 6, 7], [8, 9], [3], [4, 4, 4, 4], [2], [7, 7]]
+    kw = dict(max_new_tokens=20, eos_ids=[1], pad_id=0)
+    ref = rollout.sample(tiny, prompts, small, seeds=list(range(6)), **kw).completion_ids
+    ids = engine.generate(tiny, prompts, list(range(6)), small, slots=3, **kw)[0]
+    T = min(ids.shape[1], ref.shape[1])
+    return {"B": B, "V": V, "per_row_ms": t["per_row"] * 1e3, "batched_ms": t["batched"] * 1e3,
+            "speedup": t["per_row"] / t["batched"], "philox_known_answer": abs(first - 0x6627E8D5 * 4.6566127342e-10) < 1e-6,
+            "engine_matches_reference": float((ids[:, :T] == ref[:, :T]).float().mean()) if ids.shape == ref.shape else 0.0}  # fmt: skip
 
 
 def device_name() -> str:
@@ -250,7 +282,7 @@ def hbm_peak() -> float:
 
 
 def bench_gpu(shape: dict = QWEN3_06B, step_n: int = 8192, step_jobs: int = 128, rollout_limit_s: float = 240.0,
-              only: tuple[str, ...] = ()) -> dict:  # fmt: skip
+              only: tuple[str, ...] = (), noise_v: int = DOUBLED) -> dict:  # fmt: skip
     """Every GPU section, each guarded so that one failure leaves the others' figures (about 7 minutes on an H200,
     most of it the real step's rollout, which stops after `rollout_limit_s`)."""
     bandwidth = copy_bandwidth(2**30 if DEV == "cuda" else 2**20)
@@ -259,6 +291,7 @@ def bench_gpu(shape: dict = QWEN3_06B, step_n: int = 8192, step_jobs: int = 128,
     doubled = random_qwen3(DOUBLED, **shape, device=DEV)
     sections = [
         ("decode_syncs", lambda: gpu_decode_syncs(doubled)),
+        ("noise", lambda: gpu_noise(V=noise_v)),
         ("rollout_b64", lambda: gpu_rollout(base, 64)),
         ("mask_overhead", lambda: bench_mask_overhead(doubled, B=64, P=64, N=64, device=DEV)),
         ("logprob", lambda: gpu_logprob_memory(doubled)),
@@ -311,6 +344,14 @@ def gpu_report(g: dict) -> str:
             f"| logprob_mem_ratio | {m['logprob_mem_ratio']:.3f} | {met('logprob_mem_ratio', m['logprob_mem_ratio'])} "
             f"| T = {m['T']}, V = {m['V']:,}: {m['chunked_gib']:.2f} vs {m['naive_gib']:.2f} GiB, of which "
             f"{m['grads_gib']:.2f} GiB are the parameters' gradients; without them {m['ratio_without_grads']:.3f} |"
+        )
+    if not failed("noise"):
+        m = g["noise"]
+        lines.append(
+            f"| noise_speedup_batched | {m['speedup']:.1f} | — | one decode step's noise, B = {m['B']}, V = {m['V']:,}: "
+            f"one kernel {m['batched_ms']:.3f} ms vs a generator per row {m['per_row_ms']:.3f} ms; Philox's known "
+            f"answer {'drawn' if m['philox_known_answer'] else 'NOT drawn'} on the device; the engine's tokens equal the "
+            f"reference loop's: {m['engine_matches_reference']:.0%} |"
         )
     if not failed("decode_syncs"):
         m = g["decode_syncs"]

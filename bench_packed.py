@@ -123,9 +123,9 @@ def decode_contest(jobs: int = 64, slots: int = 16, N: int = 160, repeats: int =
     with th.inference_mode():
         for _ in range(repeats):
             for name in rates:
-                gens = [th.Generator().manual_seed(i) for i in range(jobs)]
+                seeds = list(range(jobs))
                 t0 = time.perf_counter()
-                mask = engine.generate(model, prompts, gens, adjust, max_new_tokens=N, eos_ids=eos_ids,
+                mask = engine.generate(model, prompts, seeds, adjust, max_new_tokens=N, eos_ids=eos_ids,
                                        pad_id=QWEN3_BASE, slots=slots, cache=cache, compact=name == "gather_free")[1]  # fmt: skip
                 lengths[name] = mask.sum(-1).tolist()
                 rates[name].append(sum(lengths[name]) / (time.perf_counter() - t0))

@@ -8,7 +8,7 @@ same way, G completions per prompt, exactly `max_new_tokens` tokens per completi
 top-k/top-p off, beta = 0 (no reference model), one rollout per optimizer step (num_iterations = 1, no gradient
 accumulation: TRL then skips the old-log-prob pass, as grpo.update does), one AdamW step, a constant reward.
 
-One step of ours = rollout.rollout (the engine, with per-row generators, as train()) + decode + reward + group_advantages +
+One step of ours = rollout.rollout (the engine, with per-row noise streams, as train()) + decode + reward + group_advantages +
 grpo.update, i.e. train()'s loop body without metrics/checkpoints. One step of TRL = the Trainer's inner loop between
 on_step_begin and on_step_end: training_step (_prepare_inputs → generate + decode + reward + advantages; compute_loss;
 backward) + grad clipping + optimizer/scheduler step. The two run interleaved, step by step, so that load on a shared

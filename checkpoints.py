@@ -19,6 +19,12 @@ import time
 from pathlib import Path
 
 import torch as th
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -26,6 +32,7 @@ import vocab as rvocab
 from config import UsageError, check_model_source
 from distributed import barrier, world
 from logs import write_json
+from sharding import is_sharded
 
 
 def load_model_and_tokenizer(path: str, device: th.device, option: str = "model"):
@@ -83,17 +90,25 @@ def save_checkpoint(
     """Write the checkpoint to a temporary directory, then rename it into place; keep step 0, `final_step` and the
     last `keep_last` checkpoints. `config` (the run's options) goes to trainer_config.json; `usage`, the per-copy
     sample counts of a reasoning vocabulary, to trainer_state.pt and <output_dir>/reasoning_usage.json (for
-    plots.py). Under torchrun rank 0 writes and every rank waits for it."""
+    plots.py). Under torchrun rank 0 writes and every rank waits for it; a sharded model's weights and optimizer state
+    are first gathered, tensor by tensor, by every rank (into rank 0's memory)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = None
+    if is_sharded(model):
+        weights, names = get_model_state_dict(model, options=options), {}
+        for name, p in model.named_parameters(remove_duplicate=False):  # tied ones once, as save_pretrained writes
+            if names.setdefault(id(p), name) != name:
+                weights.pop(name, None)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by parameter name: DDP ⇄ FSDP
     if world()[0] == 0:
-        _write_checkpoint(
-            output_dir, step, model, tokenizer, vocab, optimizer, scheduler, config, keep_last, final_step, usage
-        )
+        _write_checkpoint(output_dir, step, model, weights, tokenizer, vocab, optim, scheduler, config, keep_last,
+                          final_step, usage)  # fmt: skip
     barrier()
     return output_dir / "checkpoints" / f"step_{step:06d}"
 
 
-def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, scheduler, config, keep_last, final_step,
-                      usage):  # fmt: skip
+def _write_checkpoint(output_dir, step, model, weights, tokenizer, vocab, optim, scheduler, config, keep_last,
+                      final_step, usage):  # fmt: skip
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final_dir = root / f"step_{step:06d}"
@@ -101,7 +116,7 @@ def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, sche
     shutil.rmtree(tmp, ignore_errors=True)
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every save
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     finally:
         hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(tmp)
@@ -110,7 +125,7 @@ def _write_checkpoint(output_dir, step, model, tokenizer, vocab, optimizer, sche
     (tmp / "trainer_config.json").write_text(json.dumps(config, indent=2))
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optim,
         "scheduler": scheduler.state_dict(),
         "rng": {"python": random.getstate(), "torch": th.get_rng_state()},
     }
@@ -206,11 +221,16 @@ def find_resume(resume: str, output_dir: Path) -> Path | None:
     return None
 
 
-def restore_trainer_state(checkpoint_dir: Path, optimizer, scheduler, usage: th.Tensor | None = None) -> int:
-    """Load the optimizer, scheduler and RNG states saved with a checkpoint (plain data only: weights_only, so a
-    state file cannot run code), and into `usage` the per-copy sample counts if it has them; returns its step."""
+def restore_trainer_state(checkpoint_dir: Path, model, optimizer, scheduler, usage: th.Tensor | None = None) -> int:
+    """Load the optimizer (into `model`'s parameters, sharded or not), scheduler and RNG states saved with a checkpoint
+    (plain data only: weights_only, so a state file cannot run code), and into `usage` the per-copy sample counts if
+    it has them; returns its step."""
     state = th.load(checkpoint_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    optim = state["optimizer"]
+    if any(isinstance(k, str) for k in optim["state"]):  # keyed by parameter name (get_optimizer_state_dict)
+        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    else:  # no state yet (step 0), or keyed by index (checkpoints of older versions, unsharded)
+        optimizer.load_state_dict(optim)
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     th.set_rng_state(state["rng"]["torch"])

@@ -187,12 +187,18 @@ class Config:
     bf16: bool = True
     """On GPU: sample from a bf16 copy of the policy (refreshed after every optimizer step) and run the training
     decoder body under bf16 autocast; master weights, output layer and log-probs stay fp32."""
+    shard: Literal["ddp", "fsdp"] = "ddp"
+    """How ranks hold the policy: 'ddp' (each rank all of it: 16 B per parameter with AdamW) or 'fsdp' (FSDP2: fp32
+    master weights, gradients and AdamW state split over the ranks, layers gathered as they run; sharding.py) for
+    models past one GPU. Rollouts sample from a full copy on every rank either way."""
 
     plan: bool = False
     """Print the memory plan for these options (memory.py: weights, optimizer, KV cache, update activations, and the
     'auto' choices) and exit; reads the model's config only, no weights."""
     plan_memory_gib: float | None = None
     """With --plan: plan for a GPU of this many GiB (e.g. 80) instead of this machine's device."""
+    plan_ranks: int = 0
+    """With --plan: plan one rank of a run of this many (e.g. 4 with --shard fsdp); 0 = this launch's WORLD_SIZE."""
     dist_timeout: int = 7200
     """Seconds a rank waits for the others at a collective (process-group timeout) before the job fails: long enough
     for rank 0 writing a checkpoint or a slow evaluation while the others wait (torch's default is 10 minutes)."""
@@ -355,6 +361,7 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         ("logprob_chunk", cfg.logprob_chunk >= 1, "≥ 1"),
         ("steps", cfg.steps >= 1, "≥ 1"),
         ("plan_memory_gib", cfg.plan_memory_gib is None or cfg.plan_memory_gib > 0, "> 0 (GiB)"),
+        ("plan_ranks", cfg.plan_ranks >= 0, "≥ 0 (0 = WORLD_SIZE)"),
         ("dist_timeout", cfg.dist_timeout >= 1, "≥ 1 (seconds)"),
         ("save_every", cfg.save_every >= 0, "≥ 0 (0 = only at the end)"),
         ("keep_last", cfg.keep_last >= 0, "≥ 0"),

@@ -5,7 +5,7 @@ At most S sequences ("slots") decode at once. When a sequence ends (EOS or max_n
 with the next waiting job, whose prompt is prefilled together with the other new jobs of that step, so a long tail
 of completions never holds the short ones' slots idle (GRPO lengths vary ten-fold).
 
-    r = generate(model, prompts, generators, adjust, max_new_tokens=..., eos_ids=..., pad_id=..., slots=64)
+    r = generate(model, prompts, seeds, adjust, max_new_tokens=..., eos_ids=..., pad_id=..., slots=64)
 
 The model body is HF's own (Qwen3, Llama/SmolLM2, …); only its attention is ours (`engine_attention`, registered
 with transformers' AttentionInterface and switched on for the rollout). It writes each row's new keys and values at
@@ -14,8 +14,8 @@ row masked beyond its own), with GQA handled without repeating K/V: in a decode 
 KV head become G queries against it. Positions are the rows' own (RoPE reads the position_ids we pass).
 
 The policy is the trainer's: the output layer in fp32 and `LogitAdjust` (temperature, padding rows, think gate and
-offset), and a job's noise comes from its own generator, one draw per token, so a job's completion does not depend
-on its slot, its batch, the refill order or the rank.
+offset), and a job's noise is a function of its seed and the token's index (noise.row_uniforms: one kernel for the
+batch on a GPU), so a job's completion does not depend on its slot, its batch, the refill order or the rank.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch as th
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from noise import row_seeds
 from policy import LogitAdjust, entropy_of, lm_head_fp32, sample_tokens
 
 ATTENTION = "rollout_engine"
@@ -138,7 +139,7 @@ def new_cache(model, slots: int, tokens: int) -> list:
 def generate(
     model,
     prompts: list[list[int]],
-    generators: list[th.Generator],
+    seeds: list[int],
     adjust: LogitAdjust,
     *,
     max_new_tokens: int,
@@ -155,7 +156,7 @@ def generate(
     stop_check_every: int = 8,
     progress_every: float = 0.0,
 ):
-    """Sample one completion per job (prompt ids, generator) with at most `slots` sequences in flight (0: all jobs).
+    """Sample one completion per job (prompt ids, seed) with at most `slots` sequences in flight (0: all jobs).
 
     Each iteration decodes one token for every running sequence and prefills the waiting jobs admitted to free
     slots, then samples the next token of all of them in one pass. `compact` keeps the running sequences in slots
@@ -191,26 +192,26 @@ def generate(
     ents = th.zeros(N, max_new_tokens, device=device)
     count, truncated = [0] * N, [False] * N  # tokens sampled per job (host); ended without EOS
     count_d = th.zeros(N, dtype=th.long, device=device)  # the same on the device, where the writes index with it
+    seed_of = row_seeds(seeds, device)  # (N,) each job's noise stream
     slot_job, slot_len = [-1] * S, [0] * S  # job in each slot (-1: free), tokens in its cache: known on the host
     live = [False] * S  # the slot's job still samples (False: finished, kept only without refill)
     last = th.zeros(S, dtype=th.long, device=device)  # each slot's latest token, its next decode input
     pos = th.zeros(S, dtype=th.long, device=device)  # each slot's next position (= tokens in its cache)
     job_of = th.zeros(S, dtype=th.long, device=device)  # each slot's job, on the device
     all_slots = th.arange(S, device=device)
-    spare = th.Generator(device=device)  # draws for finished rows kept without refill (discarded)
     waiting = deque(range(N))
     t0 = shown = time.perf_counter()
     steps = finished = 0
 
     def sample_rows(row_slots: list[int], rows: th.Tensor, hidden: th.Tensor) -> None:
         """The next token of every row (slots `row_slots`, on the device `rows`) from the policy, each job with its
-        own generator, recorded for the live rows; rows whose job ended leave their slot (with refill)."""
+        own noise stream (its seed, the token's index), recorded for the live rows; rows whose job ended leave their
+        slot (with refill). Finished rows kept without refill draw again at their last index, and are discarded."""
         nonlocal finished
         jobs = job_of[rows]
         flags = inside[jobs] if inside is not None else None
         z = adjust(lm_head_fp32(head, hidden), flags)  # (B, V) fp32
-        gens = [generators[slot_job[s]] if live[s] else spare for s in row_slots]
-        tok, lp = sample_tokens(z, top_p, gens, greedy)
+        tok, lp = sample_tokens(z, top_p, (seed_of[jobs], count_d[jobs]), greedy)
         ent = entropy_of(z, vocab)
         last[rows] = tok
         keep = [i for i, s in enumerate(row_slots) if live[s]]  # rows whose token counts (all of them with refill)

@@ -10,7 +10,7 @@ For a problem with n samples of which c are correct:
     reasoning share = Σ reasoning ids inside think / Σ tokens inside think      (over all completions)
 
 Every figure is the mean over problems (pass@k) or over completions (mean length, truncation rate). Sample j of
-dataset row i is drawn with its own generator seeded by (seed, i, j), so results do not depend on the batch size or
+dataset row i is drawn with its own noise stream seeded by (seed, i, j), so results do not depend on the batch size or
 the number of ranks, and every evaluation during a training run sees the same noise (differences are the model's).
 
     python evaluate.py --model runs/rv/checkpoints/step_000100 --datasets HuggingFaceH4/MATH-500 aime.jsonl --samples 8

@@ -31,6 +31,7 @@ if __name__ == "__main__":  # the command line first, before the heavy imports b
     # Before CUDA initialises: the run's one KV cache and the update's activations then do not fragment each other.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+import copy
 import dataclasses
 import json
 import math
@@ -83,6 +84,7 @@ from rollout import (
     sample_seed,
     sampling_copy,
 )
+from sharding import forward_call, is_sharded, norm_value, shard
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: advantages, loss, training log-probs, update, one step
@@ -294,12 +296,13 @@ def micro_batches(r: Rollout, loss_mask: th.Tensor, size: int, tokens: int) -> l
 def micro_batch_logprobs(model, r: Rollout, rows, adjust: LogitAdjust, chunk: int) -> tuple[th.Tensor, int]:
     """(b, T) log-probs of the rows of one micro-batch (`micro_batches`) and T, its longest completion."""
     if isinstance(rows, list):
-        return packing.packed_logprobs(model, r, rows, adjust, chunk)
+        return forward_call(model, packing.packed_logprobs, model, r, rows, adjust, chunk)
     cm = r.completion_mask[rows]
     T = max(int(cm.sum(-1).max()), 1)  # cut to the micro-batch's own longest completion
     start = r.start_inside[rows] if r.start_inside is not None else None
     c = r.completion_ids[rows, :T]
-    return sequence_logprobs(model, r.prompt_ids[rows], r.prompt_mask[rows], c, cm[:, :T], adjust, start, chunk), T
+    args = (model, r.prompt_ids[rows], r.prompt_mask[rows], c, cm[:, :T], adjust, start, chunk)
+    return forward_call(model, sequence_logprobs, *args), T
 
 
 def batched_logprobs(model, r: Rollout, adjust: LogitAdjust, batches: list, chunk: int,
@@ -380,20 +383,22 @@ def update(
                                   num_sequences=num_sequences, max_len=max_len, sampler_logp=r.logp[rows, :T],
                                   correction=sampler_correction, cap=sampler_cap, ratio_level=ratio_level,
                                   classes=classes[rows, :T] if classes is not None else None)  # fmt: skip
-        if loss.requires_grad:  # False only when the micro-batch has no completion token at all
-            with packing.attention_for(model, rows):  # checkpointed layers recompute with the forward's attention
-                loss.backward()
+        if not loss.requires_grad:  # no completion token in the micro-batch: a zero backward all the same (FSDP)
+            loss = loss + 0 * logp.sum()
+        with packing.attention_for(model, rows):  # checkpointed layers recompute with the forward's attention
+            loss.backward()
         weight = float(loss_mask[rows].sum()) / num_tokens
         totals += th.tensor([loss.item(), *(stats[k] * weight for k in STAT_KEYS)], device=device)
         dlogp_max = dlogp_max.clamp(min=stats["sampler_dlogp_max"])
         if classes is not None:
             by_class += stats["by_class"]
     params = [q for q in model.parameters() if q.requires_grad]
-    all_reduce_grads(params)
+    if not is_sharded(model):  # FSDP reduce-scattered the gradients (sums) in backward
+        all_reduce_grads(params)
     totals = all_reduce_sum(totals)
     dlogp_max = all_reduce_max(dlogp_max)
     by_class = all_reduce_sum(by_class) if classes is not None else None
-    grad_norm = float(th.nn.utils.clip_grad_norm_(params, max_grad_norm))  # the same on every rank (summed grads)
+    grad_norm = norm_value(th.nn.utils.clip_grad_norm_(params, max_grad_norm))  # the same on every rank
     # A NaN/inf never reaches the weights. A zero gradient (e.g. every group's rewards equal and β = 0) leaves the
     # weights and AdamW's state (its decoupled weight decay too) as they are: AdamW would still move them along its
     # momentum.
@@ -415,11 +420,12 @@ def update_options(cfg: Config) -> dict:
                 logprob_chunk=cfg.logprob_chunk, max_grad_norm=cfg.max_grad_norm)  # fmt: skip
 
 
-def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adjust: LogitAdjust,
+def grpo_step(cfg: Config, model, sampler, head, ref_model, optimizer, tokenizer, adjust: LogitAdjust,
               batch: list[data.Example], step: int, score_fn, autocast: bool, more_prompts=None,
               cache: list | None = None) -> dict | None:  # fmt: skip
-    """One GRPO step on this rank's `batch` of prompts: rollout → reward → advantages → μ updates. `sampler` is the
-    model the rollout decodes with (`model` itself, or its bf16 copy, refreshed here after the update);
+    """One GRPO step on this rank's `batch` of prompts: rollout → reward → advantages → μ updates. `sampler` and
+    `head` are what the rollout decodes with (`sampling_policy`: `model` itself or a copy, refreshed here after the
+    update, and the fp32 output layer);
     more_prompts(round_=k) is this rank's k-th further batch for dynamic sampling (--resample-rounds); `cache` the run's
     KV cache (engine.new_cache; its slots bound the rollout's). Returns the rollout,
     prompts, rewards, advantages, accuracies, update statistics and timings; None if preempted during the rollout
@@ -427,7 +433,7 @@ def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adju
     t0 = time.perf_counter()
     G = cfg.group_size
     # 1–2. Rollout and rewards; dynamic sampling draws further prompts while too few groups (all ranks) are informative.
-    scored = rollout_and_score(cfg, sampler, model, tokenizer, adjust, batch, step, score_fn, cache=cache)
+    scored = rollout_and_score(cfg, sampler, head, tokenizer, adjust, batch, step, score_fn, cache=cache)
     rounds = 0
     while scored is not None and rounds < cfg.resample_rounds:
         informative = all_reduce_sum((~uniform_groups(scored[1], G)).sum().reshape(1).float())
@@ -435,7 +441,7 @@ def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adju
             break
         rounds += 1
         extra = more_prompts(round_=rounds)
-        more = rollout_and_score(cfg, sampler, model, tokenizer, adjust, extra, step, score_fn, rounds, cache)
+        more = rollout_and_score(cfg, sampler, head, tokenizer, adjust, extra, step, score_fn, rounds, cache)
         batch, scored = batch + extra, None if more is None else (
             concat_rollouts([scored[0], more[0]], tokenizer.pad_token_id), th.cat([scored[1], more[1]]),
             scored[2] + more[2])  # fmt: skip
@@ -465,14 +471,16 @@ def grpo_step(cfg: Config, model, sampler, ref_model, optimizer, tokenizer, adju
                        ref_logp=ref_logp, autocast=autocast, classes=classes, batches=batches,
                        **update_options(cfg))  # fmt: skip
     if sampler is not model:
-        copy_weights(sampler, model)
+        copy_weights(
+            sampler, model, None if head in (model.get_output_embeddings(), sampler.get_output_embeddings()) else head
+        )
     return {"rollout": r, "batch": batch, "answers": [ex.answer for ex in batch for _ in range(G)],
             "rewards": rewards, "advantages": advantages, "uniform": uniform, "accuracy": accuracy, "stats": stats,
             "classes": classes, "loss_mask": loss_mask, "resample_rounds": rounds,
             "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1, "t0": t0}  # fmt: skip
 
 
-def rollout_and_score(cfg: Config, sampler, model, tokenizer, adjust: LogitAdjust, batch: list[data.Example],
+def rollout_and_score(cfg: Config, sampler, head, tokenizer, adjust: LogitAdjust, batch: list[data.Example],
                       step: int, score_fn, round_: int = 0, cache: list | None = None):  # fmt: skip
     """G completions of each prompt in `batch` from the current policy and their rewards (the verifier's plus the
     overlong penalty): (rollout, rewards (B,), accuracies), or None if preempted. Each sample has its own seed (see
@@ -484,7 +492,7 @@ def rollout_and_score(cfg: Config, sampler, model, tokenizer, adjust: LogitAdjus
     slots = len(cache[0][0]) if cache else slot_count(sampler, cfg.rollout_batch_size, len(prompts), cfg.rollout_kv_gib,
                                                       per_slot)  # fmt: skip
     r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
-                slots=slots, cache=cache, head=model.get_output_embeddings(), should_stop=stop_requested,
+                slots=slots, cache=cache, head=head, should_stop=stop_requested,
                 progress_every=30.0 if world()[0] == 0 else 0.0)  # fmt: skip
     if preempted():
         return None
@@ -527,7 +535,11 @@ def train(cfg: Config, score_fn=None) -> Path:
     cfg = planned(cfg, model, device)  # before the sampling copy, reference, optimizer state and KV cache exist
     adjust = model_adjust(model, tokenizer, vocab, cfg.temperature)
     ref_model = frozen_copy(model) if cfg.beta != 0 else None  # 0 loads no reference model
-    sampler = sampling_copy(model) if autocast else model  # bf16 sampling weights on GPU
+    sampler, head = sampling_policy(model, autocast, cfg.shard)
+    if cfg.shard == "fsdp":  # after the vocabulary, checkpointing and the copies: they need the whole model
+        shard(model, device, bf16=autocast)
+        if ref_model is not None:
+            shard(ref_model, device, bf16=autocast)
     examples = load_prompts(cfg, tokenizer, cfg.dataset, cfg.split, cfg.max_samples,
                             prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)  # fmt: skip
     eval_examples = None
@@ -539,7 +551,7 @@ def train(cfg: Config, score_fn=None) -> Path:
     step = 0
     usage = th.zeros(vocab.size, dtype=th.long) if vocab is not None else None  # (n_r,) per-copy sample counts
     if resume_from is not None:
-        step = restore_trainer_state(resume_from, optimizer, scheduler, usage)
+        step = restore_trainer_state(resume_from, model, optimizer, scheduler, usage)
         if main_rank:
             print(f"[grpo] resumed from {resume_from} at step {step}", flush=True)
             truncate_logs(output_dir, step)
@@ -564,7 +576,7 @@ def train(cfg: Config, score_fn=None) -> Path:
                          per_slot)  # fmt: skip
     run_eval = partial(evaluate.during_training, sampler, tokenizer, eval_examples, adjust, samples=cfg.eval_samples,
                        max_new_tokens=eval_len, top_p=cfg.top_p, batch_size=len(kv_cache[0][0]), seed=cfg.seed,
-                       head=model.get_output_embeddings(), score_fn=score_fn, output_dir=output_dir,
+                       head=head, score_fn=score_fn, output_dir=output_dir,
                        steps=cfg.steps, should_stop=stop_requested, cache=kv_cache)  # fmt: skip
     # The starting point, or an evaluation a stop interrupted, on a line of its own.
     if eval_due(cfg, output_dir, step, eval_examples, fresh=resume_from is None):
@@ -576,7 +588,8 @@ def train(cfg: Config, score_fn=None) -> Path:
     while step < cfg.steps:
         batches = partial(data.prompt_batch, examples, step, cfg.prompts_per_step, seed=cfg.seed, rank=rank,
                           world_size=world_size)  # round_=k: dynamic sampling's further batches  # fmt: skip
-        out = grpo_step(cfg, model, sampler, ref_model, optimizer, tokenizer, adjust, batches(), step, score, autocast,
+        out = grpo_step(cfg, model, sampler, head, ref_model, optimizer, tokenizer, adjust, batches(), step, score,
+                        autocast,
                         more_prompts=batches, cache=kv_cache)  # fmt: skip
         if out is None:  # preempted during the rollout
             break
@@ -636,6 +649,18 @@ def load_policy(cfg: Config, resume_from: Path | None, device: th.device):
     if vocab is None and cfg.reasoning_vocab_size != 0:
         vocab = rvocab.add_reasoning_vocab(model, tokenizer, cfg.reasoning_vocab_size, offset=cfg.reasoning_offset)
     return model, tokenizer, vocab
+
+
+def sampling_policy(model, autocast: bool, shard: str):
+    """(sampler, head): the model rollouts decode with and its fp32 output layer, made before any sharding. DDP: on
+    GPU a bf16 copy beside the master's own fp32 head, on CPU the model itself. FSDP (sharding.py): a whole copy on
+    every rank, refreshed by gathers after each update: bf16 with an fp32 copy of the head on GPU, fp32 on CPU."""
+    if shard == "fsdp":
+        sampler = sampling_copy(model, th.bfloat16 if autocast else th.float32)
+        if not autocast:
+            return sampler, sampler.get_output_embeddings()
+        return sampler, copy.deepcopy(model.get_output_embeddings()).requires_grad_(False)
+    return sampling_copy(model) if autocast else model, model.get_output_embeddings()
 
 
 def planned(cfg: Config, model, device: th.device) -> Config:

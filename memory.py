@@ -48,6 +48,7 @@ class Shape:
     kv_dim: int  # KV heads × head dim
     intermediate: int
     rows: int  # vocabulary rows (output layer)
+    tied: bool = True  # the output layer is the input embedding
 
 
 def qwen3_config(name: str):
@@ -76,7 +77,7 @@ def model_shape(config, reasoning_vocab_size: int = 0, params: int | None = None
         params = layers * layer + H + rows * H * (1 if tied else 2)
     else:
         params += added * H * (1 if tied else 2)
-    return Shape(params, layers, H, q, kv, width, rows)
+    return Shape(params, layers, H, q, kv, width, rows, tied)
 
 
 def tokens_per_slot(cfg: Config) -> int:
@@ -130,13 +131,23 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
     total = memory_gib * GiB - (CUDA_RESERVE_GIB * GiB if gpu else 0) if memory_gib else free_bytes
     usable = total * (1 - MARGIN)
     P = s.params
-    parts = [("master weights (fp32)", 4 * P, f"{P / 1e9:.2f} B parameters × 4 B"),
-             ("AdamW state", 8 * P, "× 8 B (two fp32 moments)")]  # fmt: skip
+    fsdp = cfg.shard == "fsdp"
+    W = world_size if fsdp else 1  # the master, its gradients, AdamW's state and the reference are split W ways
+    split = f" / {W} ranks" if fsdp else ""
+    parts = [("master weights (fp32)", 4 * P / W, f"{P / 1e9:.2f} B parameters × 4 B{split}"),
+             ("AdamW state", 8 * P / W, f"× 8 B (two fp32 moments){split}")]  # fmt: skip
     if bf16:
-        parts.append(("sampling copy (bf16)", 2 * P, "× 2 B (--bf16)"))
+        parts.append(("sampling copy (bf16)", 2 * P, "× 2 B (--bf16), whole on every rank"))
+    elif fsdp:
+        parts.append(("sampling copy (fp32)", 4 * P, "× 4 B, whole on every rank"))
+    if fsdp:  # the root group (embeddings, output layer) gathered in fp32 through the update, its gradient unsharded
+        root = s.rows * s.hidden * (1 if s.tied else 2)
+        layer = (P - root) / s.layers
+        parts.append(("gathered (fsdp)", 2 * 4 * root + 2 * layer * (2 if bf16 else 4) + (4 * root if bf16 else 0),
+                      "fp32 root group and its gradient, two layers in flight" + (", fp32 sampling head" if bf16 else "")))  # fmt: skip
     if cfg.beta != 0:
-        parts.append(("reference model (fp32)", 4 * P, f"× 4 B (--beta {cfg.beta:g})"))
-    parts.append(("gradients", 4 * P, "× 4 B, during the update only"))
+        parts.append(("reference model (fp32)", 4 * P / W, f"× 4 B (--beta {cfg.beta:g}){split}"))
+    parts.append(("gradients", 4 * P / W, f"× 4 B, during the update only{split}"))
 
     seq = cfg.max_prompt_len + cfg.max_new_tokens  # the longest sequence of the update
     per_slot = tokens_per_slot(cfg)
@@ -150,14 +161,15 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
     def scratch(slots: int) -> float:
         return slots * (cfg.max_prompt_len * prefill_token + 6 * 4 * s.rows)
 
-    shared = sum(b for _, b, _ in parts) - 4 * P  # the gradients are the update's
+    grads = 4 * P / W
+    shared = sum(b for _, b, _ in parts) - grads  # the gradients are the update's
     ckpt_options = {"on": [True], "off": [False], "auto": [False, True]}[cfg.gradient_checkpointing]
     padded = cfg.micro_batch_tokens == 0
     head = 3 * 4 * cfg.logprob_chunk * s.rows  # the output layer's chunk: logits, their softmax and its gradient
 
     def update_bytes(tokens: int, ckpt: bool) -> float:
         mask = cfg.micro_batch_size * seq * seq if padded else 0  # the padded path's (B, 1, L, L) boolean mask
-        return 4 * P + tokens * activation_bytes(s, bf16, ckpt) + head + mask
+        return grads + tokens * activation_bytes(s, bf16, ckpt) + head + mask
 
     min_tokens = cfg.micro_batch_size * seq if padded else seq
     # A sequence longer than a given budget gets a row of its own (packing.pack): plan for the longer of the two.
@@ -176,12 +188,12 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
             fits = room >= slots * per_slot * kv_token
         if fits:
             break
-    least = shared + 4 * P + seq * activation_bytes(s, bf16, True) + head  # one checkpointed sequence: any setting's
+    least = shared + grads + seq * activation_bytes(s, bf16, True) + head  # one checkpointed sequence: any setting's
     if least > usable:
         raise UsageError(
             f"--model: its weights, gradients and AdamW state and one sequence's update need {least / GiB:.1f} GiB, "
             f"more than the {usable / GiB:.1f} GiB usable on one device: use a smaller --model or "
-            "--reasoning-vocab-size, or shorter sequences (--max-new-tokens)"
+            "--reasoning-vocab-size, shorter sequences (--max-new-tokens), or --shard fsdp over more ranks"
         )
     chosen = update_bytes(fixed_tokens or min_tokens, ckpt)
     given = fixed_tokens is not None or cfg.gradient_checkpointing == "off"
@@ -214,7 +226,7 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
     parts.insert(-1, ("KV cache", kv, f"{slots} slots × {per_slot:,} tokens × {kv_token / 1024:.0f} KiB"))
     parts.append(("rollout scratch", scratch(slots), f"prefill of {slots} prompts, logits over {s.rows:,} rows"))
     how = f"{tokens:,} tokens × {activation_bytes(s, bf16, ckpt) / 1024:.0f} KiB (checkpointing {'on' if ckpt else 'off'})"
-    parts.append(("update activations", update_bytes(tokens, ckpt) - 4 * P, how + (", padded" if padded else "")))
+    parts.append(("update activations", update_bytes(tokens, ckpt) - grads, how + (", padded" if padded else "")))
     budget = 0 if padded else (cfg.micro_batch_tokens if fixed_tokens is not None else tokens)  # as given, if given
     plan = Plan(parts, usable, device, slots, kv / GiB, budget, ckpt)
     if plan.peak > usable:
@@ -265,7 +277,7 @@ def print_plan(cfg: Config) -> None:
 
     config = plan_config(cfg.model)
     shape = model_shape(config, cfg.reasoning_vocab_size)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = cfg.plan_ranks or int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.plan_memory_gib:
         where = f"a {cfg.plan_memory_gib:g} GiB GPU (--plan-memory-gib)"
         plan = memory_plan(shape, cfg, "cuda", memory_gib=cfg.plan_memory_gib, world_size=world_size)

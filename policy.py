@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import vocab as rvocab
+from noise import row_uniforms
 
 
 @dataclass
@@ -112,19 +113,18 @@ def entropy_of(z: th.Tensor, vocab: rvocab.ReasoningVocab | None = None) -> th.T
     return (lse.squeeze(-1) - (p * z.masked_fill(z.isinf(), 0.0)).sum(-1)).float()
 
 
-Generators = th.Generator | list[th.Generator] | None  # one for the batch, or one per row
+# One generator for the batch, or per-row streams: (seeds (B,), token indices (B,)) int64 on the logits' device.
+Noise = th.Generator | tuple[th.Tensor, th.Tensor] | None
 
 
-def sample_tokens(
-    z: th.Tensor, top_p: float, generator: Generators, greedy: bool = False
-) -> tuple[th.Tensor, th.Tensor]:
+def sample_tokens(z: th.Tensor, top_p: float, noise: Noise, greedy: bool = False) -> tuple[th.Tensor, th.Tensor]:
     """Exact sampling from softmax(z) (B, V) → (tokens (B,), log-probs (B,) under the distribution sampled from);
     `greedy` takes the argmax instead (evaluation).
 
     Exponential race (Gumbel-max): argmax_i z_i − log E_i with E_i ~ Exp(1) i.i.d. picks i with probability
     softmax(z)_i, because −log E_i is standard Gumbel noise. One elementwise pass and one argmax over V instead of a
-    multinomial's cumulative sum and search over 152k entries; −∞ rows can never win. With one generator per row
-    a row's samples do not depend on which other rows share its batch (or rank)."""
+    multinomial's cumulative sum and search over 152k entries; −∞ rows can never win. With per-row streams
+    (noise.row_uniforms) a row's samples do not depend on which other rows share its batch (or rank)."""
     if greedy:
         tokens = z.argmax(-1)
         return tokens, z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(-1)
@@ -133,12 +133,8 @@ def sample_tokens(
         mass_before = sorted_z.softmax(-1).cumsum(-1) - sorted_z.softmax(-1)
         sorted_z = sorted_z.masked_fill(mass_before >= top_p, -math.inf)
         z = th.full_like(z, -math.inf).scatter(-1, order, sorted_z)
-    u = th.empty_like(z)  # U(0, 1), then E = −log U ~ Exp(1); U = 0 gives E = ∞, a token that cannot win
-    if isinstance(generator, list):
-        for row, g in zip(u, generator, strict=True):
-            row.uniform_(generator=g)
-    else:
-        u.uniform_(generator=generator)
+    # U[0, 1), then E = −log U ~ Exp(1); U = 0 gives E = ∞, a token that cannot win
+    u = row_uniforms(*noise, z.shape[-1]) if isinstance(noise, tuple) else th.empty_like(z).uniform_(generator=noise)
     race = u.log_().neg_()  # uniform + log: ~3× faster than exponential_ on CPU, the same on GPU
     tokens = (z - race.log_()).argmax(-1)
     logp = z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(-1)

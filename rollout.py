@@ -6,7 +6,7 @@
 `rollout` is the one entry point (training, evaluation and bench.py call it); the engine (engine.py) does the
 decoding, with continuous batching. `sample` below is the simple reference loop the tests hold the engine to: one
 prefill of the left-padded prompts, then one token per step for the whole batch, drawn from the policy
-(`LogitAdjust`, policy.py) by the exponential race. Each sample has its own generator seeded by the caller, so a
+(`LogitAdjust`, policy.py) by the exponential race. Each sample has its own noise stream seeded by the caller, so a
 sample does not depend on its batch, its slot, its rank, or a resume.
 """
 
@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 import engine
 import vocab as rvocab
-from policy import Generators, LogitAdjust, entropy_of, lm_head_fp32, sample_tokens
+from noise import row_seeds
+from policy import LogitAdjust, entropy_of, lm_head_fp32, sample_tokens
+from sharding import full
 
 
 @dataclass
@@ -61,13 +63,11 @@ def rollout(
     policy, with `head` its fp32 output layer (`sampling_copy`), and `cache` a KV cache to reuse (engine.new_cache).
     eos_ids default to the model's (`eos_token_ids`).
     A `should_stop()` that turns true ends the rollout early (e.g. preemption); the caller discards it."""
-    device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids
-    generators = [th.Generator(device=device).manual_seed(s) for s in seeds]
     was_training = model.training
     model.eval()
     try:
-        r = generate(model, prompts, generators, adjust, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+        r = generate(model, prompts, seeds, adjust, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                      pad_id=tokenizer.pad_token_id, slots=slots, top_p=top_p, greedy=greedy, head=head, cache=cache,
                      should_stop=should_stop, progress_every=progress_every)  # fmt: skip
     finally:
@@ -79,12 +79,12 @@ def rollout(
     return r
 
 
-def generate(model, prompts: list[list[int]], generators: list[th.Generator], adjust: LogitAdjust, *, pad_id: int,
+def generate(model, prompts: list[list[int]], seeds: list[int], adjust: LogitAdjust, *, pad_id: int,
              **engine_options) -> Rollout:  # fmt: skip
     """engine.generate's completions as a `Rollout` (no text): the prompts left-padded beside them, as training
     reads them. engine_options go to engine.generate (max_new_tokens, eos_ids, slots, head, …)."""
     ids, mask, truncated, logp, entropy, start_inside = engine.generate(
-        model, prompts, generators, adjust, pad_id=pad_id, **engine_options
+        model, prompts, seeds, adjust, pad_id=pad_id, **engine_options
     )
     prompt_ids, prompt_mask = (x.to(ids.device) for x in left_pad(prompts, pad_id))
     return Rollout(prompt_ids, prompt_mask, ids, mask, truncated, logp, entropy, start_inside)
@@ -101,10 +101,14 @@ def sampling_copy(model, dtype: th.dtype = th.bfloat16):
 
 
 @th.no_grad()
-def copy_weights(dst, src) -> None:
-    """dst's parameters ← src's (cast to dst's dtype); the two share one architecture (`sampling_copy`)."""
+def copy_weights(dst, src, head=None) -> None:
+    """dst's parameters ← src's, cast to dst's dtype; the two share one architecture (`sampling_copy`). A sharded
+    src's are gathered one at a time, cast before the gather (every rank calls this). `head`: an output layer kept
+    beside dst (the fp32 head of a sharded policy's bf16 copy) ← src's."""
     for p, q in zip(dst.parameters(), src.parameters(), strict=True):
-        p.copy_(q)
+        p.copy_(full(q, p.dtype))
+    if head is not None:
+        head.weight.copy_(full(src.get_output_embeddings().weight, head.weight.dtype))
 
 
 def reward_texts(completions: list[str], prompt_opened_think: list[bool]) -> list[str]:
@@ -169,7 +173,8 @@ def sample(
     eos_ids: list[int],
     pad_id: int,
     top_p: float = 1.0,
-    generator: Generators = None,
+    generator: th.Generator | None = None,
+    seeds: list[int] | None = None,
     greedy: bool = False,
     static_cache: bool = False,
     stop_check_every: int = 8,
@@ -177,6 +182,7 @@ def sample(
 ) -> Rollout:
     """Batched sampling with the model's KV cache: one prefill of the left-padded prompts, then one token per step.
 
+    Noise: one `generator` for the batch, or `seeds` (one per row) for per-row streams as the engine draws them.
     Each row stops at its own EOS (an EOS inside a prompt does not count) or at max_new_tokens. The host reads the
     done flags only every `stop_check_every` steps; `should_stop()` (e.g. a preemption signal) is polled then too and
     ends the rollout early (the caller discards it). `static_cache` decodes with `static_decoder` (a CUDA graph on
@@ -190,6 +196,7 @@ def sample(
     vocab = adjust.vocab
     start_inside = vocab.prompt_inside(prompts).to(device) if vocab is not None else None
     inside = start_inside
+    seed_of = row_seeds(seeds, device) if seeds else None
 
     if static_cache:
         hidden, decode_step = static_decoder(body, prompt_ids, prompt_mask, max_new_tokens, device.type == "cuda")
@@ -210,7 +217,7 @@ def sample(
     tokens, logps, ents, alive = [], [], [], []
     for t in range(max_new_tokens):
         z = adjust(lm_head_fp32(model.get_output_embeddings(), hidden), inside)  # (B, V)
-        tok, lp = sample_tokens(z, top_p, generator, greedy)
+        tok, lp = sample_tokens(z, top_p, (seed_of, th.full_like(seed_of, t)) if seeds else generator, greedy)
         ents.append(entropy_of(z, vocab))
         tok = tok.masked_fill(done, pad_id)
         tokens.append(tok)

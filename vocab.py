@@ -47,6 +47,7 @@ from pathlib import Path
 import torch as th
 
 from config import UsageError
+from sharding import full
 
 ALL_REGULAR = -1  # `size` that copies every regular token of the tokenizer
 MAP_FILE = "reasoning_token_map.json"
@@ -453,9 +454,9 @@ def embed_drift(model, vocab: ReasoningVocab) -> dict[str, float]:
 
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
-    result = {"embed_drift": mean_drift(emb)}
-    if out is not None and out.weight.data_ptr() != emb.data_ptr():
-        result["unembed_drift"] = mean_drift(out.weight)
+    result = {"embed_drift": mean_drift(full(emb))}  # a sharded model's gathered (every rank calls this)
+    if out is not None and out.weight is not emb:
+        result["unembed_drift"] = mean_drift(full(out.weight))
     return result
 
 

@@ -10,8 +10,9 @@ def test_gpu_bench_sections_dry_run_on_cpu(monkeypatch):
     monkeypatch.setattr(bench_gpu, "DEV", "cpu")
     monkeypatch.setattr(bench_common, "DEV", "cpu")
     shape = dict(hidden=16, layers=2, heads=2, kv_heads=1, head_dim=8, intermediate=32)
-    g = bench_gpu.bench_gpu(shape, step_n=12, step_jobs=6, only=("decode_syncs", "real_step"))
-    assert "error" not in g["decode_syncs"] and "error" not in g["real_step"], g
+    g = bench_gpu.bench_gpu(shape, step_n=12, step_jobs=6, only=("decode_syncs", "noise", "real_step"), noise_v=4096)
+    assert all("error" not in g[k] for k in ("decode_syncs", "noise", "real_step")), g
     m = g["real_step"]
     assert m["tokens"] > 0 and m["update_tokens"] >= 12 and m["finished"] and "choices:" in m["plan"]
+    assert g["noise"]["B"] == 128 and g["noise"]["speedup"] > 0 and g["noise"]["engine_matches_reference"] == 1.0
     assert "one GRPO step's time split" in bench_gpu.gpu_report(g)

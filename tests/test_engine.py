@@ -17,13 +17,13 @@ from tests.test_reasoning_training import gated_case
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [3], [4, 4, 4, 4], [9, 8, 7, 6, 5, 4], [2], [7, 7]]
 
 
-def generators(n: int, seed: int = 0) -> list[th.Generator]:
-    return [th.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
+def seeds(n: int, seed: int = 0) -> list[int]:
+    return [seed * 1000 + i for i in range(n)]
 
 
 def run_engine(model, adjust, prompts=PROMPTS, seed=0, **kw):
     kw = {"max_new_tokens": 20, "eos_ids": [1], "pad_id": 0, **kw}
-    return engine.generate(model, prompts, generators(len(prompts), seed), adjust, **kw)
+    return engine.generate(model, prompts, seeds(len(prompts), seed), adjust, **kw)
 
 
 @pytest.mark.parametrize("slots", [1, 3, 0])
@@ -32,7 +32,7 @@ def test_engine_samples_what_the_reference_loop_samples_in_any_slot(slots, refil
     model = tiny_model(64)
     adjust = plain_adjust(64, temperature=0.9, num_tokens=60)
     adjust.bias[1] += 3.0  # EOS is likely: rows end at different steps and slots are refilled
-    ref = rollout.sample(model, PROMPTS, adjust, max_new_tokens=20, eos_ids=[1], pad_id=0, generator=generators(8))
+    ref = rollout.sample(model, PROMPTS, adjust, max_new_tokens=20, eos_ids=[1], pad_id=0, seeds=seeds(8))
     ids, mask, truncated, logp, entropy, _ = run_engine(model, adjust, slots=slots, refill=refill, compact=compact)
     assert len(set(ref.completion_mask.sum(-1).tolist())) > 2
     assert th.equal(ids, ref.completion_ids) and th.equal(mask, ref.completion_mask)

@@ -233,7 +233,7 @@ def test_state_file_that_would_run_code_is_refused(tmp_path, tiny_model_dir):
         checkpoints.find_resume(str(latest), out)
     assert checkpoints.find_resume("auto", out).name == "step_000000"  # the intact one before it
     with pytest.raises(Exception, match="Weights only load failed"):
-        checkpoints.restore_trainer_state(latest, None, None)
+        checkpoints.restore_trainer_state(latest, None, None, None)
     assert not marker.exists()
 
 

@@ -157,15 +157,17 @@ def test_sbatch_runs_ddp_to_completion(tmp_path, tiny_model_dir):
 
 
 @multinode
-def test_multinode_job_trains_like_one_process(tmp_path, tiny_model_dir):
-    """sbatch -N 2, one trainer per node (rendezvous and gloo across two network stacks): the same metrics and final
-    weights as one process on the same global batch, within test_ddp's tolerance."""
+def test_multinode_fsdp_job_trains_like_one_process(tmp_path, tiny_model_dir):
+    """sbatch -N 2, one trainer per node (rendezvous and gloo across two network stacks) with --shard fsdp: the same
+    metrics and final weights as one unsharded process on the same global batch, within test_fsdp's tolerance (the
+    two-node preemption test below runs DDP)."""
     script = tmp_path / "train_toy.py"
     script.write_text(TOY_SCRIPT)
     args = tiny_args(tiny_model_dir, tmp_path / "two", prompts_per_step=4, group_size=3, max_new_tokens=8, steps=2,
                      save_every=0, rollout_batch_size=0, temperature=1.0, lr=1e-4, warmup_steps=0)  # fmt: skip
     log = tmp_path / "slurm.log"
-    proc = submit(log, args, wait=True, timeout=200, nodes=2, SCRIPT=str(script), PYTHONPATH=str(ROOT))
+    proc = submit(log, [*args, "--shard", "fsdp"], wait=True, timeout=200, nodes=2, SCRIPT=str(script),
+                  PYTHONPATH=str(ROOT))  # fmt: skip
     text = completed(proc, log, 210)
     assert {"node1", "node2"} <= set(re.findall(r"\[launch\] (node\d+): CUDA_VISIBLE_DEVICES", text)), text
     one = [a if a != str(tmp_path / "two") else str(tmp_path / "one") for a in args]
@@ -174,7 +176,7 @@ def test_multinode_job_trains_like_one_process(tmp_path, tiny_model_dir):
                          timeout=300)  # fmt: skip
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
 
-    assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert_same_training(tmp_path / "one", tmp_path / "two", tolerance=1e-5)
 
 
 @pytest.mark.parametrize("nodes", [pytest.param(1, id="one-node"), pytest.param(2, id="multinode", marks=multinode)])

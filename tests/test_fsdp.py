@@ -1,0 +1,126 @@
+"""--shard fsdp (FSDP2, gloo, two CPU processes) makes the same updates as one process on the same global batch: the
+same metrics at every step and the same final weights, with and without a reasoning vocabulary, tied and untied, with
+μ > 1 and a KL penalty (the reference model sharded like the policy); its sampling copy is the gathered master after
+every update, so its rollouts are DDP's; a preempted run resumes bitwise, and checkpoints move between DDP and FSDP
+and load in plain transformers."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch as th
+from transformers import AutoModelForCausalLM
+
+import checkpoints
+import vocab as rvocab
+from tests.conftest import tiny_model, weights_of
+from tests.test_ddp import assert_same_training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The trainer with a toy reward (the letter "e"); every copy of the sampling weights is checked against the gathered
+# master, and STOP_AFTER=n sends rank 0 a preemption signal once step n is logged.
+SCRIPT = """
+import json, os, signal, sys
+from dataclasses import replace
+import torch as th
+import grpo, sharding
+
+def letter_e(completions, answers):
+    hits = [float("e" in c) for c in completions]
+    return hits, hits
+
+copy_weights, log_step, copies = grpo.copy_weights, grpo.log_step, []
+
+def checked_copy(dst, src, head=None):
+    copy_weights(dst, src, head)
+    same = all(th.equal(p, sharding.full(q, p.dtype)) for p, q in zip(dst.parameters(), src.parameters()))
+    copies.append(same)
+
+def log_and_stop(output_dir, m, *args):
+    log_step(output_dir, m, *args)
+    if m["step"] == int(os.environ.get("STOP_AFTER", -1)):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+grpo.copy_weights, grpo.log_step = checked_copy, log_and_stop
+grpo.train(replace(grpo.Config(), **json.loads(sys.argv[1])), score_fn=letter_e)
+print(f"[check] sampling copies equal to the gathered master: {sum(copies)} of {len(copies)}")
+"""
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def train(tmp_path: Path, out: Path, cfg: dict, ranks: int, **env) -> str:
+    script = tmp_path / "train_toy.py"
+    script.write_text(SCRIPT)
+    launch = TORCHRUN if ranks == 2 else [sys.executable]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.run([*launch, str(script), json.dumps({**cfg, "output_dir": str(out)})], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def toy_config(model_dir: Path, **kw) -> dict:
+    return dict(model=str(model_dir), dataset="arithmetic", prompts_per_step=4, group_size=3, max_new_tokens=8,
+                max_prompt_len=256, micro_batch_size=4, rollout_batch_size=0, temperature=1.0, lr=1e-4,
+                warmup_steps=0, steps=2, save_every=0, device="cpu") | kw  # fmt: skip
+
+
+@pytest.fixture
+def untied_model_dir(tmp_path, tiny_tokenizer):
+    path = tmp_path / "untied"
+    model = tiny_model(len(tiny_tokenizer) + 4, seed=2, tie=False)
+    model.generation_config.eos_token_id = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, extra",
+    [("tied", dict(reasoning_vocab_size=-1, num_iterations=2, beta=0.05)), ("untied", {})],
+    ids=["reasoning-vocab-tied-mu2-kl", "plain-untied"],
+)
+def test_fsdp_two_ranks_train_like_one_process(tmp_path, tiny_model_dir, untied_model_dir, case, extra):
+    model_dir = tiny_model_dir if case == "tied" else untied_model_dir
+    cfg = toy_config(model_dir, **extra)
+    train(tmp_path, tmp_path / "one", cfg, ranks=1)
+    log = train(tmp_path, tmp_path / "two", {**cfg, "shard": "fsdp"}, ranks=2)
+    assert "2 rank(s)" in log and log.count("sampling copies equal to the gathered master: 2 of 2") == 2  # per rank
+    assert_same_training(tmp_path / "one", tmp_path / "two", tolerance=1e-5)
+
+    # The FSDP run's checkpoint is a plain transformers directory: it loads as one, with the same logits.
+    one, two = (checkpoints.checkpoint_dirs(tmp_path / run)[-1] for run in ("one", "two"))
+    a, b = (AutoModelForCausalLM.from_pretrained(d, dtype=th.float32).eval() for d in (one, two))
+    assert a.config.tie_word_embeddings == b.config.tie_word_embeddings == (case == "tied")
+    assert json.loads((two / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    ids = th.arange(2, 40)[None]
+    with th.no_grad():
+        assert (a(ids).logits - b(ids).logits).abs().max() < 1e-4
+    if "reasoning_vocab_size" in extra:
+        assert rvocab.load(two).size == rvocab.load(one).size > 0
+
+
+def test_fsdp_preempted_run_resumes_bitwise_and_checkpoints_move_between_ddp_and_fsdp(tmp_path, tiny_model_dir):
+    cfg = toy_config(tiny_model_dir, steps=4, reasoning_vocab_size=8, save_every=100)
+    fsdp = {**cfg, "shard": "fsdp"}
+    train(tmp_path, tmp_path / "straight", fsdp, ranks=2)
+    train(tmp_path, tmp_path / "stopped", fsdp, ranks=2, STOP_AFTER="2")  # preempted: a checkpoint at step 2
+    assert checkpoints.checkpoint_dirs(tmp_path / "stopped")[-1].name == "step_000002"
+    shutil.copytree(tmp_path / "stopped", tmp_path / "fsdp_then_ddp")
+    train(tmp_path, tmp_path / "stopped", fsdp, ranks=2)  # resumed
+    straight, resumed = (weights_of(checkpoints.checkpoint_dirs(tmp_path / d)[-1]) for d in ("straight", "stopped"))
+    assert all(th.equal(straight[k], resumed[k]) for k in straight)  # bitwise, as DDP's resume
+    assert_same_training(tmp_path / "straight", tmp_path / "stopped", tolerance=0.0, steps=[1, 2, 3, 4])
+
+    # An FSDP checkpoint resumes under DDP (one process), and a DDP one under FSDP: the same run, to float tolerance.
+    train(tmp_path, tmp_path / "fsdp_then_ddp", cfg, ranks=1)
+    train(tmp_path, tmp_path / "ddp_then_fsdp", cfg, ranks=1, STOP_AFTER="2")
+    train(tmp_path, tmp_path / "ddp_then_fsdp", fsdp, ranks=2)
+    for run in ("fsdp_then_ddp", "ddp_then_fsdp"):
+        assert_same_training(tmp_path / "straight", tmp_path / run, tolerance=1e-5, steps=[1, 2, 3, 4])
