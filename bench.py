@@ -4,18 +4,20 @@
     uv run --extra demo --extra bench python bench.py --json out.json   # also writes the figures
     uv run --extra demo python bench.py --only engine --json out.json   # the engine's section alone (~8 minutes)
     uv run --extra demo python bench.py --only packed     # packed update, gather-free decode, the plan (~4 minutes)
+    uv run python bench.py --only fsdp                    # one rank's holdings under 2-way FSDP vs DDP (~1 minute)
     python bench.py --device cuda [--json out.json]     # the GPU sections
 
 Keys: `logprob_mem_ratio` (chunked log-prob + loss forward/backward peak memory ÷ a naive full log_softmax),
-`mask_overhead` and `mask_speedup_vs_text_processor` (the reasoning-vocabulary gate), `rollout_speedup_vs_hf`
-(the engine ÷ HF `generate`, fixed lengths), `engine_speedup_vs_hf` and `engine_speedup_vs_no_refill` (a GRPO-like
+`mask_overhead` and `mask_speedup_vs_text_processor` (the reasoning-vocabulary gate), `rollout_speedup_vs_hf` (the
+engine ÷ HF `generate`, fixed lengths), `engine_speedup_vs_hf` and `engine_speedup_vs_no_refill` (a GRPO-like
 variable-length workload), `step_speedup_vs_trl` (one GRPO step ÷ TRL's GRPOTrainer's, bench_trl.py) and
 `update_scaling` (one `grpo.update` against completion length and group size), and bench_packed.py's
 `update_speedup_packed`, `update_mem_ratio_packed`, `decode_gather_free_speedup`, `plan_update_error` and
-`plan_kv_error`. On CPU, memory is the peak resident set (`ru_maxrss`) of a fresh subprocess minus its resident set
-just before the measured computation; on GPU, the peak allocated memory. `--device cuda` (bench_gpu.py) measures the engine on a Qwen3-0.6B-shaped model against HF
-`generate` at B = 64, host syncs per decode step, and one real-shaped GRPO step as training runs it (the memory
-plan vs the measured peak, decode tokens/s at up to 8,192 tokens as a fraction of the HBM bound, the time split).
+`plan_kv_error`, and bench_fsdp.py's `fsdp_param_mem_ratio`. On CPU, memory is the peak resident set (`ru_maxrss`)
+of a fresh subprocess minus its resident set just before the measured computation; on GPU, the peak allocated
+memory. `--device cuda` (bench_gpu.py) measures the engine on a Qwen3-0.6B-shaped model against HF `generate` at B =
+64, host syncs per decode step, and one real-shaped GRPO step as training runs it (the memory plan vs the measured
+peak, decode tokens/s at up to 8,192 tokens as a fraction of the HBM bound, the time split).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path  # noqa: E402
 
 import torch as th  # noqa: E402
 
+import bench_fsdp  # noqa: E402
 import bench_gpu  # noqa: E402
 import bench_packed  # noqa: E402
 import checkpoints  # noqa: E402
@@ -474,6 +477,8 @@ def report(results: dict) -> str:
         lines += [f"| {r['G']} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |" for r in sc["group"]]
     if results.get("packed"):
         lines += ["", *bench_packed.packed_report(results["packed"])]
+    if results.get("fsdp"):
+        lines += ["", *bench_fsdp.fsdp_report(results["fsdp"])]
     if ro:
         for name, r in ro.items():
             if name != "draw_ms" and r is not None:
@@ -492,6 +497,7 @@ SECTIONS = {
     "trl": bench_trl,
     "engine": bench_engine,
     "packed": bench_packed.bench_packed,
+    "fsdp": bench_fsdp.bench_fsdp,
 }
 
 
@@ -513,8 +519,10 @@ def main(argv: list[str] | None = None) -> dict:
         spec = json.loads(args.child)
         task = spec.pop("task")
         fn = {"logprob_memory": child_logprob_memory, "update": child_update, "trl": child_trl,
-              "packed": bench_packed.child_packed, "kv": bench_packed.child_kv}[task]  # fmt: skip
-        print(json.dumps(fn(**spec)))
+              "packed": bench_packed.child_packed, "kv": bench_packed.child_kv,
+              "fsdp_memory": bench_fsdp.child_fsdp_memory}[task]  # fmt: skip
+        if (result := fn(**spec)) is not None:  # None: a rank other than 0
+            print(json.dumps(result))
         return {}
 
     t0 = time.perf_counter()
@@ -549,6 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_speedup_vs_hf": min(r["speedup_vs_hf"] for r in contests) if contests else None,
         "engine_speedup_vs_no_refill": min(r["speedup_vs_no_refill"] for r in contests) if contests else None,
         **{k: results["packed"][k] for k in PACKED_KEYS if results.get("packed")},
+        "fsdp_param_mem_ratio": results["fsdp"]["fsdp_param_mem_ratio"] if results.get("fsdp") else None,
     }
     results["keys"] = {k: v for k, v in results["keys"].items() if v is not None or args.only is None}
     print(report(results))

@@ -251,11 +251,13 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def in_child(task: str, env: dict | None = None, **kwargs) -> dict:
+def in_child(task: str, env: dict | None = None, ranks: int = 1, **kwargs) -> dict:
     """Run `task` in a fresh interpreter (with `env` added to the environment) so that its peak resident set is its
-    own."""
+    own; `ranks` > 1: that many under torchrun (rank 0's result)."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
     cmd = [
         sys.executable,
+        *torchrun,
         str(Path(__file__).resolve().with_name("bench.py")),
         "--child",
         json.dumps({"task": task, **kwargs}),

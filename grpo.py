@@ -31,7 +31,6 @@ if __name__ == "__main__":  # the command line first, before the heavy imports b
     # Before CUDA initialises: the run's one KV cache and the update's activations then do not fragment each other.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-import copy
 import dataclasses
 import json
 import math
@@ -82,7 +81,7 @@ from rollout import (
     reward_texts,
     rollout,
     sample_seed,
-    sampling_copy,
+    sampling_policy,
 )
 from sharding import forward_call, is_sharded, norm_value, shard
 
@@ -649,18 +648,6 @@ def load_policy(cfg: Config, resume_from: Path | None, device: th.device):
     if vocab is None and cfg.reasoning_vocab_size != 0:
         vocab = rvocab.add_reasoning_vocab(model, tokenizer, cfg.reasoning_vocab_size, offset=cfg.reasoning_offset)
     return model, tokenizer, vocab
-
-
-def sampling_policy(model, autocast: bool, shard: str):
-    """(sampler, head): the model rollouts decode with and its fp32 output layer, made before any sharding. DDP: on
-    GPU a bf16 copy beside the master's own fp32 head, on CPU the model itself. FSDP (sharding.py): a whole copy on
-    every rank, refreshed by gathers after each update: bf16 with an fp32 copy of the head on GPU, fp32 on CPU."""
-    if shard == "fsdp":
-        sampler = sampling_copy(model, th.bfloat16 if autocast else th.float32)
-        if not autocast:
-            return sampler, sampler.get_output_embeddings()
-        return sampler, copy.deepcopy(model.get_output_embeddings()).requires_grad_(False)
-    return sampling_copy(model) if autocast else model, model.get_output_embeddings()
 
 
 def planned(cfg: Config, model, device: th.device) -> Config:

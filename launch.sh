@@ -3,6 +3,7 @@
 #
 #   sbatch launch.sh [grpo.py args…]                         # 1 node × 4 GPUs (the #SBATCH lines below)
 #   sbatch -N 4 -p gpu -A myproject -t 12:00:00 launch.sh --output-dir runs/rv --reasoning-vocab-size -1
+#   sbatch launch.sh --model Qwen/Qwen3-4B --shard fsdp --output-dir runs/4b   # past one GPU: FSDP2 (README)
 #
 # sbatch options override the #SBATCH lines, and so do SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT and
 # SBATCH_GPUS_PER_NODE in the environment. Environment variables read here:

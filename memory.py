@@ -193,7 +193,13 @@ def memory_plan(s: Shape, cfg: Config, device: str, memory_gib: float | None = N
         raise UsageError(
             f"--model: its weights, gradients and AdamW state and one sequence's update need {least / GiB:.1f} GiB, "
             f"more than the {usable / GiB:.1f} GiB usable on one device: use a smaller --model or "
-            "--reasoning-vocab-size, shorter sequences (--max-new-tokens), or --shard fsdp over more ranks"
+            "--reasoning-vocab-size, shorter sequences (--max-new-tokens), or "
+            + (
+                "more memory (under --shard fsdp the sampling copy, the embeddings and the output layer are whole on "
+                "every rank)"
+                if fsdp
+                else "--shard fsdp (the master, gradients and AdamW state split over the ranks)"
+            )
         )
     chosen = update_bytes(fixed_tokens or min_tokens, ckpt)
     given = fixed_tokens is not None or cfg.gradient_checkpointing == "off"

@@ -100,6 +100,18 @@ def sampling_copy(model, dtype: th.dtype = th.bfloat16):
     return sampler
 
 
+def sampling_policy(model, autocast: bool, shard: str):
+    """(sampler, head): the model rollouts decode with and its fp32 output layer, made before any sharding. DDP: on
+    GPU a bf16 copy beside the master's own fp32 head, on CPU the model itself. FSDP (sharding.py): a whole copy on
+    every rank, refreshed by gathers after each update: bf16 with an fp32 copy of the head on GPU, fp32 on CPU."""
+    if shard == "fsdp":
+        sampler = sampling_copy(model, th.bfloat16 if autocast else th.float32)
+        if not autocast:
+            return sampler, sampler.get_output_embeddings()
+        return sampler, copy.deepcopy(model.get_output_embeddings()).requires_grad_(False)
+    return sampling_copy(model) if autocast else model, model.get_output_embeddings()
+
+
 @th.no_grad()
 def copy_weights(dst, src, head=None) -> None:
     """dst's parameters ← src's, cast to dst's dtype; the two share one architecture (`sampling_copy`). A sharded

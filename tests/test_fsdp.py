@@ -112,15 +112,15 @@ def test_fsdp_preempted_run_resumes_bitwise_and_checkpoints_move_between_ddp_and
     train(tmp_path, tmp_path / "straight", fsdp, ranks=2)
     train(tmp_path, tmp_path / "stopped", fsdp, ranks=2, STOP_AFTER="2")  # preempted: a checkpoint at step 2
     assert checkpoints.checkpoint_dirs(tmp_path / "stopped")[-1].name == "step_000002"
-    shutil.copytree(tmp_path / "stopped", tmp_path / "fsdp_then_ddp")
+    shutil.copytree(tmp_path / "stopped", tmp_path / "crossed")
     train(tmp_path, tmp_path / "stopped", fsdp, ranks=2)  # resumed
     straight, resumed = (weights_of(checkpoints.checkpoint_dirs(tmp_path / d)[-1]) for d in ("straight", "stopped"))
     assert all(th.equal(straight[k], resumed[k]) for k in straight)  # bitwise, as DDP's resume
     assert_same_training(tmp_path / "straight", tmp_path / "stopped", tolerance=0.0, steps=[1, 2, 3, 4])
 
-    # An FSDP checkpoint resumes under DDP (one process), and a DDP one under FSDP: the same run, to float tolerance.
-    train(tmp_path, tmp_path / "fsdp_then_ddp", cfg, ranks=1)
-    train(tmp_path, tmp_path / "ddp_then_fsdp", cfg, ranks=1, STOP_AFTER="2")
-    train(tmp_path, tmp_path / "ddp_then_fsdp", fsdp, ranks=2)
-    for run in ("fsdp_then_ddp", "ddp_then_fsdp"):
-        assert_same_training(tmp_path / "straight", tmp_path / run, tolerance=1e-5, steps=[1, 2, 3, 4])
+    # Checkpoints move between the two: FSDP's step 2 resumed by DDP (one process) for step 3, whose checkpoint FSDP
+    # resumes for step 4; the same run, to float tolerance.
+    train(tmp_path, tmp_path / "crossed", cfg, ranks=1, STOP_AFTER="3")
+    assert checkpoints.checkpoint_dirs(tmp_path / "crossed")[-1].name == "step_000003"
+    train(tmp_path, tmp_path / "crossed", fsdp, ranks=2)
+    assert_same_training(tmp_path / "straight", tmp_path / "crossed", tolerance=1e-5, steps=[1, 2, 3, 4])
