@@ -83,7 +83,7 @@ from rollout import (
     sample_seed,
     sampling_policy,
 )
-from sharding import forward_call, is_sharded, norm_value, shard
+from sharding import forward_call, full, is_sharded, shard
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: advantages, loss, training log-probs, update, one step
@@ -397,7 +397,7 @@ def update(
     totals = all_reduce_sum(totals)
     dlogp_max = all_reduce_max(dlogp_max)
     by_class = all_reduce_sum(by_class) if classes is not None else None
-    grad_norm = norm_value(th.nn.utils.clip_grad_norm_(params, max_grad_norm))  # the same on every rank
+    grad_norm = float(full(th.nn.utils.clip_grad_norm_(params, max_grad_norm)))  # the same on every rank
     # A NaN/inf never reaches the weights. A zero gradient (e.g. every group's rewards equal and β = 0) leaves the
     # weights and AdamW's state (its decoupled weight decay too) as they are: AdamW would still move them along its
     # momentum.
@@ -470,9 +470,7 @@ def grpo_step(cfg: Config, model, sampler, head, ref_model, optimizer, tokenizer
                        ref_logp=ref_logp, autocast=autocast, classes=classes, batches=batches,
                        **update_options(cfg))  # fmt: skip
     if sampler is not model:
-        copy_weights(
-            sampler, model, None if head in (model.get_output_embeddings(), sampler.get_output_embeddings()) else head
-        )
+        copy_weights(sampler, model, head)
     return {"rollout": r, "batch": batch, "answers": [ex.answer for ex in batch for _ in range(G)],
             "rewards": rewards, "advantages": advantages, "uniform": uniform, "accuracy": accuracy, "stats": stats,
             "classes": classes, "loss_mask": loss_mask, "resample_rounds": rounds,

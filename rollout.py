@@ -115,11 +115,11 @@ def sampling_policy(model, autocast: bool, shard: str):
 @th.no_grad()
 def copy_weights(dst, src, head=None) -> None:
     """dst's parameters ← src's, cast to dst's dtype; the two share one architecture (`sampling_copy`). A sharded
-    src's are gathered one at a time, cast before the gather (every rank calls this). `head`: an output layer kept
-    beside dst (the fp32 head of a sharded policy's bf16 copy) ← src's."""
+    src's are gathered one at a time, cast before the gather (every rank calls this). `head`, the rollouts' output
+    layer (`sampling_policy`) ← src's when it is kept beside both (the fp32 head of a sharded policy's bf16 copy)."""
     for p, q in zip(dst.parameters(), src.parameters(), strict=True):
         p.copy_(full(q, p.dtype))
-    if head is not None:
+    if head is not None and head not in (dst.get_output_embeddings(), src.get_output_embeddings()):
         head.weight.copy_(full(src.get_output_embeddings().weight, head.weight.dtype))
 
 

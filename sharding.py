@@ -55,12 +55,7 @@ def forward_call(model, fn, *args):
 
 
 def full(p: th.Tensor, dtype: th.dtype | None = None) -> th.Tensor:
-    """A parameter's whole value (a collective for a sharded one: every rank calls it, in the same order), cast to
-    `dtype` before the gather, so that a bf16 gather moves half the bytes."""
+    """A parameter's (or a norm's) whole value (a collective for a sharded one: every rank calls it, in the same
+    order), cast to `dtype` before the gather, so that a bf16 gather moves half the bytes."""
     p = p.detach() if dtype is None else p.detach().to(dtype)
     return p.full_tensor() if isinstance(p, DTensor) else p
-
-
-def norm_value(norm: th.Tensor) -> float:
-    """A norm as a float: clip_grad_norm_'s total over sharded gradients is a DTensor."""
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
