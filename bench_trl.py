@@ -248,7 +248,6 @@ def ours_stepper(model_dir: str, prompts: list[str], group_size: int, max_new_to
             adjust,
             max_new_tokens=cfg.max_new_tokens,
             eos_ids=[-1],
-            top_p=cfg.top_p,
             slots=len(batch),
         )  # EOS off; fmt: skip
         t_sample = time.perf_counter() - t0

@@ -6,12 +6,13 @@ before anything is loaded or written. Errors name the option as it is typed (`--
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import importlib.util
 import json
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,8 +25,16 @@ class UsageError(ValueError):
 
 
 def flag(name: str) -> str:
-    """The command-line spelling of an option: max_new_tokens → --max-new-tokens."""
+    """The command-line spelling of an option: max_new_tokens → --max-new-tokens, or the TRL name it was given by
+    (--max-completion-length, cli.trl_names)."""
+    return TYPED.get(name) or flag_text(name)
+
+
+def flag_text(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+TYPED: dict[str, str] = {}  # option → the TRL name the command line gave it by (cli.trl_names): errors name it so
 
 
 def smollm2_gguf() -> str:
@@ -43,11 +52,15 @@ def smollm2_gguf() -> str:
 
 @dataclass
 class Config:
-    """GRPO trainer options. Defaults are the real experiment: Qwen3-0.6B on DeepScaleR, seed 0."""
+    """GRPO trainer options. Defaults are the real experiment: Qwen3-0.6B on DeepScaleR, seed 0. TRL's names are
+    accepted too (docs/trl.md): --num-generations, --max-completion-length, --loss-type dapo|grpo|dr_grpo, --epsilon,
+    --epsilon-high, --scale-rewards, --mask-truncated-completions, --importance-sampling-level, --learning-rate,
+    --max-steps, --steps-per-generation, --reward-funcs, and any option with underscores (--group_size)."""
 
-    preset: Literal["none", "demo", "demo-reasoning"] = "none"
-    """Start from a named preset (must come first on the command line): 'demo' is a small offline run on CPU,
-    'demo-reasoning' the same with a reasoning vocabulary."""
+    preset: Literal["none", "demo", "demo-reasoning", "trl-defaults"] = "none"
+    """Start from a named preset; options given beside it override its values. 'demo' is a small offline run on CPU,
+    'demo-reasoning' the same with a reasoning vocabulary, 'trl-defaults' TRL GRPOConfig's defaults where this
+    trainer has the option (docs/trl.md)."""
 
     # Model and data
     model: str = "Qwen/Qwen3-0.6B"
@@ -90,9 +103,16 @@ class Config:
     group_size: int = 8
     """Completions per prompt (G)."""
     temperature: float = 0.6
-    """Sampling temperature; also divides the logits of every training log-prob."""
+    """Sampling temperature; also divides the logits of every training log-prob (Qwen3's thinking mode: 0.6)."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0 = all (Qwen3's thinking mode: 20)."""
     top_p: float = 1.0
-    """Nucleus sampling; < 1 biases the ratio against the sampler's log-probs (see notes)."""
+    """Sample from the smallest set of most likely tokens whose probability reaches p (after top-k); 1 = all (Qwen3's
+    thinking mode: 0.95)."""
+    min_p: float = 0.0
+    """Sample only tokens at least min_p times as likely as the most likely one (after top-p); 0 = all. The loss
+    scores the full distribution; the sampler correction weighs each sampled token by its kept set's mass (policy.py
+    says why)."""
     max_new_tokens: int = 8192
     """Completion length limit; longer completions are truncated."""
     rollout_batch_size: int = 64
@@ -115,7 +135,10 @@ class Config:
     adv_scale: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the group's reward std, the batch's, or not at all (Dr.GRPO)."""
     num_iterations: int = 1
-    """Optimizer updates per rollout (μ); > 1 computes real old log-probs and makes clipping matter."""
+    """Passes over each rollout (μ, PPO epochs); > 1 computes real old log-probs and makes clipping matter."""
+    steps_per_rollout: int = 1
+    """Split each rollout's completions into this many mini-batches, one optimizer step each, in every pass (K;
+    TRL's steps_per_generation): K · μ optimizer steps per rollout, against real old log-probs when K · μ > 1."""
     sampler_correction: Literal["tis", "sequence_mask", "none"] = "tis"
     """Correct for the sampler's distribution differing from the trainer's (bf16 sampling): token-level truncated
     importance sampling, a sequence-level mask, or none (see policy_loss)."""
@@ -125,9 +148,9 @@ class Config:
     """Exclude completions that hit max_new_tokens from the loss."""
     overlong_buffer: int = 0
     """Soft overlong punishment (DAPO): a reward penalty rising linearly to --overlong-penalty over the last N tokens
-    before max_new_tokens (see grpo.overlong_penalty); 0 = off."""
+    before --max-new-tokens (the reward 'overlong', scoring.overlong); 0 = off."""
     overlong_penalty: float = 1.0
-    """The overlong penalty at max_new_tokens."""
+    """The overlong penalty at --max-new-tokens (the weight of the reward 'overlong')."""
     skip_uniform_groups: bool = False
     """Leave groups whose rewards are all equal (A = 0, no learning signal) out of the loss and its normaliser (DAPO)."""
     resample_rounds: int = 0
@@ -137,16 +160,26 @@ class Config:
     ratio_level: Literal["token", "sequence"] = "token"
     """Importance ratio per token (PPO/GRPO) or one per completion, length-normalised and clipped per sequence (GSPO;
     its paper clips at --eps-low 3e-4 --eps-high 4e-4). See grpo.policy_loss."""
+    reward: tuple[str, ...] = ("accuracy",)
+    """Reward functions, summed with --reward-weights: built-ins accuracy (math-verify on the last boxed answer),
+    format (one think block, then a box), overlong (needs --overlong-buffer), reasoning_copies (share of reasoning-copy
+    tokens), or any module:function or file.py:function taking (completion, answer, row) (scoring.py). Each is logged
+    as reward/NAME."""
+    reward_weights: tuple[float, ...] = ()
+    """One weight per --reward (negative for a penalty); none given = 1 each."""
+    reward_timeout: float = 10.0
+    """Seconds a plug-in reward function may take per completion before it scores 0 (counted in
+    reward_failures/NAME)."""
     format_weight: float = 0.0
-    """Weight of the format reward (one think block, then a boxed answer) added to accuracy."""
+    """Weight of the format reward added to the --reward list (the same as listing 'format' with this weight)."""
 
     # Optimisation
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 10
     """Linear warmup steps."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """After warmup: constant, or cosine decay to 0 at `steps`."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """After warmup: constant, or a cosine or linear decay to 0 at --steps (TRL's default: linear)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -163,7 +196,7 @@ class Config:
     """Recompute decoder layers in backward (memory): on, off, or 'auto' = on when the memory plan says one
     full-length sequence's activations would not fit otherwise."""
     steps: int = 1000
-    """Optimizer steps (rollouts) in total."""
+    """Rollouts in total (each one --steps-per-rollout × --num-iterations optimizer steps)."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
 
@@ -261,6 +294,16 @@ PRESETS["demo-reasoning"] = dataclasses.replace(
 )  # fmt: skip
 
 
+# TRL GRPOConfig's defaults (TRL 1.16.0) where this trainer has the option; docs/trl.md maps every option, with why
+# ours differ. TRL samples with the trained model itself unless vLLM is on: no sampler correction.
+PRESETS["trl-defaults"] = dataclasses.replace(
+    PRESETS["none"], preset="trl-defaults", temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_new_tokens=512,
+    eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="token", adv_scale="group", num_iterations=1, steps_per_rollout=1,
+    ratio_level="token", drop_truncated=False, sampler_correction="none", lr=1e-6, lr_schedule="linear",
+    warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing="on", output_dir="runs/trl-defaults",
+)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # evaluate.py
 
@@ -301,8 +344,13 @@ class EvalConfig:
     """Argmax decoding instead of sampling (the k samples are then identical)."""
     temperature: float = 0.6
     """Sampling temperature (default: the checkpoint's)."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0 = all (default: the checkpoint's)."""
     top_p: float = 1.0
-    """Nucleus sampling (default: the checkpoint's)."""
+    """Nucleus sampling, after top-k; 1 = off (default: the checkpoint's)."""
+    min_p: float = 0.0
+    """Keep tokens at least min_p times as likely as the most likely one, after top-p; 0 = off (default: the
+    checkpoint's)."""
     max_new_tokens: int = 8192
     """Completion length limit; longer completions are truncated, counted in truncation_rate (default: the
     checkpoint's --eval-max-new-tokens, else its --max-new-tokens)."""
@@ -310,6 +358,18 @@ class EvalConfig:
     """Sequences decoding at once (the engine's slots; memory); results do not depend on it."""
     seed: int = 0
     """Seed of the samples and of the max_problems subset."""
+    reward: tuple[str, ...] = ("accuracy",)
+    """Reward functions scored beside pass@k, as grpo.py's --reward (default: the checkpoint's)."""
+    reward_weights: tuple[float, ...] = ()
+    """One weight per --reward; none given = 1 each (default: the checkpoint's)."""
+    reward_timeout: float = 10.0
+    """Seconds a plug-in reward may take per completion (default: the checkpoint's)."""
+    format_weight: float = 0.0
+    """Weight of the format reward added to the --reward list (default: the checkpoint's)."""
+    overlong_buffer: int = 0
+    """The overlong reward's buffer, as grpo.py's (default: the checkpoint's)."""
+    overlong_penalty: float = 1.0
+    """The overlong reward's weight, as grpo.py's (default: the checkpoint's)."""
 
     output_dir: str = "runs/eval"
     """<dataset>.jsonl per dataset, summary.json, eval_config.json."""
@@ -332,7 +392,7 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         ("prompts_per_step", cfg.prompts_per_step % world_size == 0, f"divisible by the {world_size} ranks"),
         ("group_size", cfg.group_size >= 2, "≥ 2 (a group of one has advantage 0: nothing to learn)"),
         ("temperature", cfg.temperature > 0, "> 0 (greedy decoding is for evaluation: evaluate.py --greedy)"),
-        ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+        *sampling_rules(cfg),
         ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
         ("max_prompt_len", cfg.max_prompt_len >= 1, "≥ 1"),
         few_shot_rule(cfg.few_shot),
@@ -348,10 +408,17 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         ("eps_low", 0 <= cfg.eps_low < 1, "in [0, 1)"),
         ("eps_high", cfg.eps_high >= 0, "≥ 0"),
         ("num_iterations", cfg.num_iterations >= 1, "≥ 1"),
+        ("steps_per_rollout", cfg.steps_per_rollout >= 1, "≥ 1"),
+        (
+            "steps_per_rollout",
+            cfg.steps_per_rollout <= cfg.prompts_per_step // world_size * cfg.group_size,
+            f"≤ the {cfg.prompts_per_step // world_size * cfg.group_size} completions of each rank's rollout "
+            "(--prompts-per-step / ranks × --group-size)",
+        ),
         ("sampler_cap", cfg.sampler_cap >= 1, "≥ 1"),
-        ("format_weight", cfg.format_weight >= 0, "≥ 0"),
         ("overlong_buffer", 0 <= cfg.overlong_buffer <= cfg.max_new_tokens, "in [0, --max-new-tokens]"),
         ("overlong_penalty", cfg.overlong_penalty >= 0, "≥ 0"),
+        *reward_rules(cfg),
         ("resample_rounds", cfg.resample_rounds >= 0, "≥ 0"),
         ("lr", cfg.lr >= 0, "≥ 0"),
         ("warmup_steps", cfg.warmup_steps >= 0, "≥ 0"),
@@ -378,6 +445,7 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
     for name, value in vars(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"{flag(name)} {value}: must be a finite number")
+    check_reward_functions(cfg)
     resuming = cfg.resume != "off" and (
         cfg.resume != "auto" or any((Path(cfg.output_dir) / "checkpoints").glob("step_*"))
     )
@@ -399,11 +467,103 @@ def few_shot_rule(few_shot) -> tuple[str, bool, str]:
     return "few_shot", len(few_shot) % 2 == 0, f"an even number of texts (PROBLEM RESPONSE pairs), got {len(few_shot)}"
 
 
+def sampling_rules(cfg) -> list[tuple[str, bool, str]]:
+    """The (option, holds, what is allowed) rules on the sampler's truncation, in grpo.py and evaluate.py."""
+    return [
+        ("top_k", cfg.top_k >= 0, "≥ 0 (0 = off)"),
+        ("top_p", 0 < cfg.top_p <= 1, "in (0, 1] (1 = off)"),
+        ("min_p", 0 <= cfg.min_p < 1, "in [0, 1) (0 = off)"),
+    ]
+
+
+# Built-in reward functions (scoring.BUILTINS), and what else the trainer can tell a reward function by keyword.
+BUILTIN_REWARDS = ("accuracy", "format", "overlong", "reasoning_copies")
+REWARD_FACTS = ("num_tokens", "truncated", "reasoning_tokens", "max_new_tokens", "overlong_buffer")
+
+
+def reward_rules(cfg) -> list[tuple[str, bool, str]]:
+    """The (option, holds, what is allowed) rules on the reward list, in grpo.py and evaluate.py."""
+    n, plain = len(cfg.reward), [s for s in cfg.reward if s not in BUILTIN_REWARDS and ":" not in s]
+    return [
+        ("reward", n >= 1, "at least one reward function"),
+        ("reward", not plain, f"a built-in ({', '.join(BUILTIN_REWARDS)}), module:function or file.py:function"),
+        ("reward", len(set(cfg.reward)) == n, "each function once"),
+        ("reward_weights", len(cfg.reward_weights) in (0, n), f"one weight per --reward ({n}), or none (1 each)"),
+        ("reward_timeout", cfg.reward_timeout > 0, "> 0 (seconds)"),
+        ("format_weight", cfg.format_weight >= 0, "≥ 0"),
+        ("format_weight", not (cfg.format_weight and "format" in cfg.reward),
+         "0 when --reward lists format (its weight is then in --reward-weights)"),
+        ("overlong_buffer", cfg.overlong_buffer > 0 or "overlong" not in cfg.reward,
+         "> 0 when --reward lists overlong (its ramp's length in tokens)"),
+    ]  # fmt: skip
+
+
+def reward_entries(cfg) -> list[tuple[str, float]]:
+    """The run's (reward function, weight) pairs (scoring.reward_list builds them): --reward with --reward-weights,
+    then 'format' weighted by --format-weight and 'overlong' by --overlong-penalty when those are on."""
+    weights = cfg.reward_weights or (1.0,) * len(cfg.reward)
+    entries = [(spec, float(w)) for spec, w in zip(cfg.reward, weights, strict=True)]
+    if cfg.format_weight and "format" not in cfg.reward:
+        entries.append(("format", cfg.format_weight))
+    if cfg.overlong_buffer and "overlong" not in cfg.reward:
+        entries.append(("overlong", cfg.overlong_penalty))
+    return entries
+
+
+def check_reward_functions(cfg) -> None:
+    """Each plug-in --reward imports and takes (completion, answer, row) plus keyword facts it may name."""
+    import inspect
+
+    for spec in cfg.reward:
+        if spec in BUILTIN_REWARDS:
+            continue
+        fn = load_function(spec, "reward")
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):  # a builtin or C function without a signature: assume it fits
+            continue
+        try:
+            inspect.signature(fn).bind("", "", {}, **{p.name: None for p in params if p.name in REWARD_FACTS})
+        except TypeError as e:
+            raise UsageError(
+                f"--reward {spec}: must take (completion, answer, row), and by keyword only what it names among "
+                f"{', '.join(REWARD_FACTS)} ({e})"
+            ) from None
+
+
+@functools.cache
+def load_function(spec: str, option: str):
+    """The function a `module:function` or `path/to/file.py:function` names (a --<option> value), imported once."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise UsageError(f"{flag(option)} {spec}: not module:function or file.py:function")
+    try:
+        if where.endswith(".py") or "/" in where:
+            path = Path(where).expanduser()
+            if not path.is_file():
+                raise UsageError(f"{flag(option)} {spec}: no such file {where}")
+            module_spec = importlib.util.spec_from_file_location(f"_{option}_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except UsageError:
+        raise
+    except Exception as e:  # the user's module: any error importing it
+        raise UsageError(f"{flag(option)} {spec}: importing {where} failed ({type(e).__name__}: {e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UsageError(f"{flag(option)} {spec}: {where} has no function {name}")
+    return fn
+
+
 def refuse_broken(cfg, rules: list[tuple[str, bool, str]]) -> None:
     """Raise a UsageError for the first (option, holds, what is allowed) rule that does not hold, naming the flag."""
     for name, holds, allowed in rules:
         if not holds:
-            raise UsageError(f"{flag(name)} {getattr(cfg, name)}: must be {allowed}")
+            value = getattr(cfg, name)
+            typed = " ".join(map(str, value)) if isinstance(value, tuple | list) else value  # as on the command line
+            raise UsageError(f"{flag(name)} {typed}: must be {allowed}")
 
 
 def check_model_source(name: str, value: str) -> None:
@@ -455,72 +615,13 @@ def hub_offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """grpo.py's command line (default sys.argv[1:]): a `--preset NAME` first picks the defaults."""
-    import tyro
-
-    argv = sys.argv[1:] if argv is None else argv
-    preset = "none"
-    if "--preset" in argv:
-        i = argv.index("--preset")
-        if i + 1 >= len(argv) or argv[i + 1] not in PRESETS:
-            raise SystemExit(f"--preset takes one of {sorted(PRESETS)}")
-        preset = argv[i + 1]
-    return tyro.cli(Config, args=argv, default=PRESETS[preset])
-
-
-def given_flags(argv: list[str]) -> set[str]:
-    """The option names (max_new_tokens) that a command line sets, --no-X included."""
-    names = {token.split("=", 1)[0][2:].replace("-", "_") for token in argv if token.startswith("--")}
-    return names | {name[3:] for name in names if name.startswith("no_")}
-
-
-def cli_config(argv: list[str] | None = None) -> Config:
-    """grpo.py's command line, parsed and checked (`check_config`); a bad option exits with its one-line error."""
-    return exit_on_usage_error(lambda: check_config(cfg := parse_args(argv)) or cfg)
-
-
-# evaluate.py's options that a checkpoint's trainer_config.json supplies when not given (same names in Config;
-# max_new_tokens comes from the run's eval_max_new_tokens when it set one)
-TRAINED_OPTIONS = ("system_prompt", "instruction", "few_shot", "enable_thinking", "max_prompt_len", "temperature",
-                   "top_p", "max_new_tokens")  # fmt: skip
-
-
-def eval_cli_config(argv: list[str] | None = None) -> EvalConfig:
-    """evaluate.py's command line: parsed, completed from the checkpoint's trainer_config.json (options not given;
-    printed), and checked; a bad option exits with its one-line error."""
-    import tyro
-
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = tyro.cli(EvalConfig, args=argv)
-    return exit_on_usage_error(lambda: check_eval_config(with_training_options(cfg, given_flags(argv))))
-
-
-def with_training_options(cfg: EvalConfig, given: set[str]) -> EvalConfig:
-    """cfg with the TRAINED_OPTIONS not in `given` taken from <model>/trainer_config.json, if --model has one."""
-    path = Path(cfg.model) / "trainer_config.json"
-    if not path.is_file():
-        return cfg
-    try:
-        trained = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: unreadable ({e})") from None
-    if trained.get("eval_max_new_tokens"):
-        trained["max_new_tokens"] = trained["eval_max_new_tokens"]
-    taken = {name: tuple(v) if isinstance(v := trained[name], list) else v  # JSON has lists; the config, tuples
-             for name in TRAINED_OPTIONS if name not in given and name in trained}  # fmt: skip
-    cfg = dataclasses.replace(cfg, **taken)
-    shown = ", ".join(f"{name}={getattr(cfg, name)!r} ({'trainer_config.json' if name in taken else 'given'})"
-                      for name in TRAINED_OPTIONS if name in taken or name in given)  # fmt: skip
-    print(f"[eval] {cfg.model} is a training checkpoint; options: {shown}", flush=True)
-    return cfg
-
-
 def check_eval_config(cfg: EvalConfig) -> EvalConfig:
     """Refuse evaluation options that cannot work, before the model loads; returns cfg."""
     rules = [
         ("temperature", cfg.temperature > 0, "> 0 (use --greedy for argmax decoding)"),
-        ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+        *sampling_rules(cfg),
+        ("overlong_buffer", 0 <= cfg.overlong_buffer <= cfg.max_new_tokens, "in [0, --max-new-tokens]"),
+        *reward_rules(cfg),
         ("samples", cfg.samples >= 1, "≥ 1"),
         ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
         ("max_prompt_len", cfg.max_prompt_len >= 1, "≥ 1"),
@@ -531,16 +632,8 @@ def check_eval_config(cfg: EvalConfig) -> EvalConfig:
         ("device", DEVICE.fullmatch(cfg.device) is not None, "auto, cpu, cuda or cuda:N"),
     ]
     refuse_broken(cfg, rules)
+    check_reward_functions(cfg)
     check_model_source("model", cfg.model)
     for source in cfg.datasets:
         check_dataset_source("datasets", source)
     return cfg
-
-
-def exit_on_usage_error(fn, *args):
-    """fn(*args), with a UsageError printed as one line (`error: …`, exit status 2) instead of a traceback."""
-    try:
-        return fn(*args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None

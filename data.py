@@ -22,7 +22,7 @@ data position, so resuming needs nothing else.
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class Example:
     answer: str  # gold answer (LaTeX fragment, as reward.accuracy_reward expects)
     problem: str  # the problem text (for logs / sample tables)
     index: int  # row index in the source dataset
+    row: dict = field(default_factory=dict, compare=False)  # the source row, every field (what reward functions read)
 
 
 class _BadRow(ValueError):
@@ -219,7 +220,7 @@ def load_rows(
     answer_field: str | None = None,
     skip_bad_rows: bool = False,
 ) -> list[dict]:
-    """Rows {"problem": str, "answer": str, "index": int} from a hub id, a local json/jsonl/parquet file or "arithmetic".
+    """Rows {"problem": str, "answer": str, "index": int, "source": the row as read} from a hub id, a local json/jsonl/parquet file or "arithmetic".
 
     Fields are detected (see the module docstring) unless `prompt_field` / `answer_field` name them; a dotted name
     ("reward_model.ground_truth") reaches into a dict column. A bad row (missing field, empty problem, answer that is
@@ -256,7 +257,7 @@ def load_rows(
                 raise UsageError(f"{source}: row {index}: {e} (--skip-bad-rows skips such rows)") from None
             bad.append(f"row {index}: {e}")
             continue
-        rows.append({"problem": problem, "answer": answer, "index": index})
+        rows.append({"problem": problem, "answer": answer, "index": index, "source": dict(row)})
     log.info(f"{source}: {len(rows)} rows, problem from {p_field!r}, answer from {a_field!r}")
     if n_boxed:
         log.info(f"{source}: {n_boxed} answers taken from the last \\boxed{{}} of 'solution'")
@@ -313,7 +314,13 @@ def build_examples(
     # The template's text already holds any BOS it wants; add_special_tokens would add a second one.
     all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     examples = [
-        Example(prompt_ids=list(ids), answer=row["answer"], problem=row["problem"], index=row["index"])
+        Example(
+            prompt_ids=list(ids),
+            answer=row["answer"],
+            problem=row["problem"],
+            index=row["index"],
+            row=row.get("source", row),
+        )
         for row, ids in zip(rows, all_ids, strict=True)
         if len(ids) <= max_prompt_len
     ]

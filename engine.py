@@ -148,7 +148,6 @@ def generate(
     slots: int = 0,
     refill: bool = True,
     compact: bool = True,
-    top_p: float = 1.0,
     greedy: bool = False,
     head=None,
     cache: list | None = None,
@@ -211,7 +210,7 @@ def generate(
         jobs = job_of[rows]
         flags = inside[jobs] if inside is not None else None
         z = adjust(lm_head_fp32(head, hidden), flags)  # (B, V) fp32
-        tok, lp = sample_tokens(z, top_p, (seed_of[jobs], count_d[jobs]), greedy)
+        tok, lp = sample_tokens(adjust.truncate(z), (seed_of[jobs], count_d[jobs]), greedy)
         ent = entropy_of(z, vocab)
         last[rows] = tok
         keep = [i for i, s in enumerate(row_slots) if live[s]]  # rows whose token counts (all of them with refill)

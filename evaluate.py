@@ -2,7 +2,8 @@
 
 Each problem is sampled k times exactly as a GRPO rollout samples it (`rollout.rollout` with the policy's `LogitAdjust`:
 temperature, padding rows, the reasoning-vocabulary gate and offset), decoded with reasoning ids mapped back to their
-source tokens, and scored by the training reward's accuracy (`reward.score`, after the `<think>` a prompt opened).
+source tokens, and scored by the training run's reward functions (scoring.py, after the `<think>` a prompt opened):
+correctness is the accuracy function's (math-verify), and each reward's mean is reported beside pass@k.
 For a problem with n samples of which c are correct:
 
     pass@1 = c / n                                   mean over the k samples (then over problems)
@@ -22,7 +23,8 @@ writes <output_dir>/<dataset>.jsonl (one line per problem: its completions, extr
 
 from __future__ import annotations
 
-from config import EvalConfig, UsageError, check_eval_config, eval_cli_config, exit_on_usage_error
+from cli import eval_cli_config, exit_on_usage_error
+from config import EvalConfig, UsageError, check_eval_config, reward_entries
 
 if __name__ == "__main__":  # --help and option errors before the heavy imports below (~1 s)
     CLI_CONFIG = eval_cli_config()
@@ -38,12 +40,13 @@ import torch.distributed as dist
 
 import data
 import reward
+import scoring
 import vocab as rvocab
 from checkpoints import load_model_and_tokenizer
 from distributed import preempted, setup_distributed, teardown_distributed, world
 from logs import write_json, write_jsonl
 from policy import LogitAdjust, model_adjust
-from rollout import reward_texts, rollout, sample_seed, sampling_copy
+from rollout import reward_samples, rollout, sample_seed, sampling_copy
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -70,7 +73,8 @@ def pass_ks(samples: int) -> list[int]:
 
 def summarize(records: list[dict], samples: int) -> dict:
     """The summary of per-problem records (see `evaluate`): pass@k for k in pass_ks(samples), mean completion length
-    (tokens, EOS included), truncation rate, and the reasoning share (None without a reasoning vocabulary)."""
+    (tokens, EOS included), each reward's mean and the weighted sum's, truncation rate, and the reasoning share (None
+    without a reasoning vocabulary)."""
     if not records:
         raise ValueError("summarize: no records")
     correct = [sum(rec["correct"]) for rec in records]
@@ -80,6 +84,10 @@ def summarize(records: list[dict], samples: int) -> dict:
     for k in pass_ks(samples):
         summary[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in correct) / len(records)
     summary["mean_length"] = sum(lengths) / len(lengths)
+    if "reward" in records[0]:  # each reward's mean over completions, and their weighted sum's
+        summary["reward"] = sum(v for rec in records for v in rec["reward"]) / len(lengths)
+        for name in records[0]["rewards"]:
+            summary[f"reward/{name}"] = sum(v for rec in records for v in rec["rewards"][name]) / len(lengths)
     summary["truncation_rate"] = sum(truncated) / len(truncated)
     summary["reasoning_share"] = None
     if "think_tokens" in records[0]:  # as vocab.ReasoningVocab.stats: 0 when no token was inside think
@@ -98,11 +106,11 @@ def evaluate(
     samples: int,
     max_new_tokens: int,
     greedy: bool = False,
-    top_p: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
     head=None,
-    score_fn=None,
+    scorer=None,
+    overlong_buffer: int = 0,
     should_stop=None,
     progress_every: float = 0.0,
     cache: list | None = None,
@@ -114,9 +122,10 @@ def evaluate(
     sorted by dataset index: index, problem, gold, opens_think (the prompt opened a think block, so the reward saw
     "<think>" + completion), completions (text, reasoning ids mapped to their sources), answers (the last boxed answer
     after </think>, or None), correct, lengths (tokens, EOS included), truncated (no EOS within max_new_tokens), and
-    with a reasoning vocabulary think_tokens and reasoning_tokens (reasoning ids among them). The summary is
-    `summarize(records, samples)`. score_fn(completions, answers) → (rewards, accuracies) replaces reward.score; a
-    completion is correct when its accuracy is 1. batch_size (the engine's slots), head, cache (a training run's KV
+    with a reasoning vocabulary think_tokens and reasoning_tokens (reasoning ids among them), and each sample's reward
+    (the weighted sum) and rewards ({name: value}). The summary is `summarize(records, samples)`. scorer(samples) →
+    scoring.Scores scores them (default: the accuracy reward alone; overlong_buffer is the run's, for its overlong
+    reward); a completion is correct when its accuracy is 1. batch_size (the engine's slots), head, cache (a training run's KV
     cache) and should_stop() go to rollout.rollout, and so does progress_every (> 0: a progress line every that many
     seconds)."""
     if samples < 1 or batch_size < 1 or max_new_tokens < 1:
@@ -127,8 +136,9 @@ def evaluate(
     mine = examples[rank::world_size]
     records = []
     if mine:  # a rank can have none when there are more ranks than problems
-        records = score_records(model, tokenizer, mine, adjust, samples, seed, score_fn, max_new_tokens=max_new_tokens,
-                                top_p=top_p, greedy=greedy, slots=batch_size, head=head, should_stop=should_stop,
+        scorer = scorer or scoring.scorer()
+        records = score_records(model, tokenizer, mine, adjust, samples, seed, scorer, overlong_buffer,
+                                max_new_tokens=max_new_tokens, greedy=greedy, slots=batch_size, head=head, should_stop=should_stop,
                                 progress_every=progress_every, cache=cache)  # fmt: skip
     if world_size > 1:
         gathered = [None] * world_size
@@ -138,8 +148,8 @@ def evaluate(
     return records, summarize(records, samples)
 
 
-def score_records(model, tokenizer, mine: list[data.Example], adjust: LogitAdjust, samples: int, seed: int, score_fn,
-                  **sampling) -> list[dict]:  # fmt: skip
+def score_records(model, tokenizer, mine: list[data.Example], adjust: LogitAdjust, samples: int, seed: int, scorer,
+                  overlong_buffer: int, **sampling) -> list[dict]:  # fmt: skip
     """`evaluate`'s records of this rank's examples (see there); `sampling` goes to rollout.rollout."""
     vocab = adjust.vocab
     jobs = [(ex, j) for ex in mine for j in range(samples)]  # a problem's samples are consecutive
@@ -154,8 +164,8 @@ def score_records(model, tokenizer, mine: list[data.Example], adjust: LogitAdjus
         reasoning_tokens = (think & (ids >= vocab.standard_size)).sum(-1).tolist()
 
     # The reward sees the think block a prompt opened, exactly as in training.
-    scored = reward_texts(texts, r.opened_think)
-    accuracy = (score_fn or reward.score)(scored, [ex.answer for ex, _ in jobs])[1]
+    scored = reward_samples(r, [ex for ex, _ in jobs], vocab, sampling["max_new_tokens"], overlong_buffer)
+    scores = scorer(scored)
     records = []
     for p, ex in enumerate(mine):
         at = slice(p * samples, (p + 1) * samples)
@@ -165,8 +175,10 @@ def score_records(model, tokenizer, mine: list[data.Example], adjust: LogitAdjus
             "gold": ex.answer,
             "opens_think": r.opened_think[p * samples],
             "completions": texts[at],
-            "answers": [reward.extract_boxed(reward.answer_part(t)) for t in scored[at]],
-            "correct": [float(a) == 1.0 for a in accuracy[at]],
+            "answers": [reward.extract_boxed(reward.answer_part(s.completion)) for s in scored[at]],
+            "correct": [float(a) == 1.0 for a in scores.accuracy[at]],
+            "reward": scores.total[at],
+            "rewards": {name: values[at] for name, values in scores.parts.items()},
             "lengths": lengths[at],
             "truncated": truncated[at],
         }
@@ -196,7 +208,7 @@ def during_training(model, tokenizer, examples: list[data.Example], adjust: Logi
 
 def training_metrics(summary: dict) -> dict[str, float]:
     """The eval_* keys a training run logs: eval_accuracy (pass@1), eval_pass@k (k = samples), eval_len,
-    eval_truncated and, with a reasoning vocabulary, eval_reasoning_share."""
+    eval_truncated, eval_reward and eval_reward/NAME, and, with a reasoning vocabulary, eval_reasoning_share."""
     k = summary["samples"]
     m = {
         "eval_accuracy": summary["pass@1"],
@@ -204,6 +216,9 @@ def training_metrics(summary: dict) -> dict[str, float]:
         "eval_len": summary["mean_length"],
         "eval_truncated": summary["truncation_rate"],
     }
+    if "reward" in summary:
+        m["eval_reward"] = summary["reward"]
+        m.update({f"eval_{key}": v for key, v in summary.items() if key.startswith("reward/")})
     if summary["reasoning_share"] is not None:
         m["eval_reasoning_share"] = summary["reasoning_share"]
     return m
@@ -241,7 +256,8 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
     autocast = device.type == "cuda" and cfg.bf16
     model, tokenizer = load_model_and_tokenizer(cfg.model, device)
     vocab = rvocab.load(cfg.model) if Path(cfg.model).is_dir() else rvocab.load(model)
-    adjust = model_adjust(model, tokenizer, vocab, cfg.temperature)
+    adjust = model_adjust(model, tokenizer, vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+    scorer = scoring.scorer(reward_entries(cfg), timeout=cfg.reward_timeout)
     sampler = sampling_copy(model) if autocast else model
     out = Path(cfg.output_dir)
     if rank == 0:
@@ -268,8 +284,8 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
             print(f"[eval] {source}: {len(examples)} problems × {cfg.samples} on {world_size} rank(s)", flush=True)
         t0 = time.perf_counter()
         records, summaries[source] = evaluate(sampler, tokenizer, examples, adjust, samples=cfg.samples,
-                                              max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy, top_p=cfg.top_p,
-                                              batch_size=cfg.batch_size, seed=cfg.seed,
+                                              max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy, scorer=scorer,
+                                              overlong_buffer=cfg.overlong_buffer, batch_size=cfg.batch_size, seed=cfg.seed,
                                               head=model.get_output_embeddings(),
                                               progress_every=PROGRESS_EVERY if rank == 0 else 0.0)  # fmt: skip
         if rank == 0:  # after every dataset, so that a crash keeps the finished ones
@@ -283,18 +299,19 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
 
 
 def format_table(summaries: dict[str, dict]) -> str:
-    """A Markdown table: dataset | problems | pass@1 | pass@k | mean len | truncated | reasoning share."""
-    lines = ["| dataset | problems | pass@1 | pass@k | mean len | truncated | reasoning share |", "|---" * 7 + "|"]
+    """A Markdown table: dataset | problems | pass@1 | pass@k | reward | mean len | truncated | reasoning share."""
+    lines = ["| dataset | problems | pass@1 | pass@k | reward | mean len | truncated | reasoning share |",
+             "|---" * 8 + "|"]  # fmt: skip
     for source, s in summaries.items():
         k = s["samples"]
         share = "—" if s["reasoning_share"] is None else f"{s['reasoning_share']:.3f}"
         lines.append(f"| {source} | {s['num_problems']} | {s['pass@1']:.3f} | {s[f'pass@{k}']:.3f} (k={k}) | "
-                     f"{s['mean_length']:.0f} | {s['truncation_rate']:.3f} | {share} |")  # fmt: skip
+                     f"{s['reward']:.3f} | {s['mean_length']:.0f} | {s['truncation_rate']:.3f} | {share} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    """Parse the command line (default: sys.argv[1:]; see config.eval_cli_config) and evaluate; returns
+    """Parse the command line (default: sys.argv[1:]; see cli.eval_cli_config) and evaluate; returns
     {dataset: summary}."""
     return exit_on_usage_error(evaluate_datasets, eval_cli_config(argv))
 

@@ -2,10 +2,10 @@
 sampled G times (a *group*):
 
     1. rollout     o_1 … o_G ~ π_old(·|q)                      rollout.rollout (the policy π: policy.LogitAdjust)
-    2. reward      r_i = verifier(o_i, gold)                   reward.score
+    2. reward      r_i = Σ_k w_k f_k(o_i, gold)                 scoring.score (the verifier: reward.py)
     3. advantage   A_i = r_i relative to its group             group_advantages
     4. loss        clipped ratio π_θ/π_old times A, + β·KL     policy_loss, on packing.packed_logprobs
-    5. update      one AdamW step over micro-batches and ranks  update
+    5. update      AdamW steps over micro-batches and ranks     update (μ passes of K mini-batches: grpo_step)
 
 Each equation is written once, in the docstring of the function that computes it. `train` is the loop around
 `grpo_step`: the data order, periodic evaluation (evaluate.py), metrics (logs.py), checkpoints and resume
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 
-from config import Config, check_config, cli_config, exit_on_usage_error
+from cli import cli_config, exit_on_usage_error
+from config import Config, check_config, reward_entries
 
 if __name__ == "__main__":  # the command line first, before the heavy imports below: --help and errors in ~1 s
     CLI_CONFIG = cli_config()
@@ -48,7 +49,7 @@ import data
 import evaluate
 import memory
 import packing
-import reward
+import scoring
 import vocab as rvocab
 from checkpoints import (
     decoder_checkpointing,
@@ -71,17 +72,18 @@ from distributed import (
     world,
 )
 from engine import new_cache, slot_count
-from logs import copy_usage, log_samples, log_step, sample_records, step_metrics, truncate_logs
+from logs import copy_usage, log_samples, log_step, merged_stats, sample_records, step_metrics, truncate_logs
 from policy import CLASSES, LogitAdjust, model_adjust, token_classes, token_logprobs
 from rollout import (
     Rollout,
     concat_rollouts,
     copy_weights,
     positions,
-    reward_texts,
+    reward_samples,
     rollout,
     sample_seed,
     sampling_policy,
+    take_rows,
 )
 from sharding import forward_call, full, is_sharded, shard
 
@@ -116,19 +118,6 @@ def uniform_groups(rewards: th.Tensor, group_size: int) -> th.Tensor:
     sampling leaves them out of the loss and its normaliser, where they would only dilute the step."""
     r = rewards.view(-1, group_size)
     return r.max(-1).values == r.min(-1).values
-
-
-def overlong_penalty(lengths: th.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> th.Tensor:
-    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward of completions (B,) of `lengths`
-    tokens, with L_max = max_len, L_buf = buffer and p = penalty:
-
-        R_len(|o|) = 0                                  |o| ≤ L_max − L_buf
-                   = −p · (|o| − (L_max − L_buf)) / L_buf   L_max − L_buf < |o| ≤ L_max    (−p when truncated)
-
-    buffer = 0 is off (zeros)."""
-    if buffer == 0:
-        return th.zeros(lengths.shape, device=lengths.device)
-    return -penalty * ((lengths.float() - (max_len - buffer)) / buffer).clamp(0.0, 1.0)
 
 
 def policy_loss(
@@ -420,7 +409,7 @@ def update_options(cfg: Config) -> dict:
 
 
 def grpo_step(cfg: Config, model, sampler, head, ref_model, optimizer, tokenizer, adjust: LogitAdjust,
-              batch: list[data.Example], step: int, score_fn, autocast: bool, more_prompts=None,
+              batch: list[data.Example], step: int, scorer, autocast: bool, more_prompts=None,
               cache: list | None = None) -> dict | None:  # fmt: skip
     """One GRPO step on this rank's `batch` of prompts: rollout → reward → advantages → μ updates. `sampler` and
     `head` are what the rollout decodes with (`sampling_policy`: `model` itself or a copy, refreshed here after the
@@ -432,7 +421,7 @@ def grpo_step(cfg: Config, model, sampler, head, ref_model, optimizer, tokenizer
     t0 = time.perf_counter()
     G = cfg.group_size
     # 1–2. Rollout and rewards; dynamic sampling draws further prompts while too few groups (all ranks) are informative.
-    scored = rollout_and_score(cfg, sampler, head, tokenizer, adjust, batch, step, score_fn, cache=cache)
+    scored = rollout_and_score(cfg, sampler, head, tokenizer, adjust, batch, step, scorer, cache=cache)
     rounds = 0
     while scored is not None and rounds < cfg.resample_rounds:
         informative = all_reduce_sum((~uniform_groups(scored[1], G)).sum().reshape(1).float())
@@ -440,13 +429,13 @@ def grpo_step(cfg: Config, model, sampler, head, ref_model, optimizer, tokenizer
             break
         rounds += 1
         extra = more_prompts(round_=rounds)
-        more = rollout_and_score(cfg, sampler, head, tokenizer, adjust, extra, step, score_fn, rounds, cache)
+        more = rollout_and_score(cfg, sampler, head, tokenizer, adjust, extra, step, scorer, rounds, cache)
         batch, scored = batch + extra, None if more is None else (
             concat_rollouts([scored[0], more[0]], tokenizer.pad_token_id), th.cat([scored[1], more[1]]),
-            scored[2] + more[2])  # fmt: skip
+            scoring.joined(scored[2], more[2]))  # fmt: skip
     if scored is None:
         return None
-    r, rewards, accuracy = scored
+    r, rewards, scores = scored
     advantages = group_advantages(rewards, G, cfg.adv_scale)
     loss_mask = r.completion_mask.clone()
     if cfg.drop_truncated:
@@ -457,30 +446,46 @@ def grpo_step(cfg: Config, model, sampler, head, ref_model, optimizer, tokenizer
     classes = token_classes(r.completion_ids, r.start_inside, adjust)  # (B, T) | None: the diagnostics' classes
     t1 = time.perf_counter()
 
-    # 3. Policy update(s): μ = num_iterations steps on this rollout against fixed old/reference log-probs.
-    model.train()
-    old_logp = ref_logp = None
-    batches = micro_batches(r, loss_mask, cfg.micro_batch_size, cfg.micro_batch_tokens)  # the same for every pass
-    if cfg.num_iterations > 1:
-        old_logp = batched_logprobs(model, r, adjust, batches, cfg.logprob_chunk, autocast)
-    if ref_model is not None:
-        ref_logp = batched_logprobs(ref_model, r, adjust, batches, cfg.logprob_chunk, autocast)
-    for _ in range(cfg.num_iterations):
-        stats = update(model, optimizer, r, advantages, adjust, loss_mask=loss_mask, old_logp=old_logp,
-                       ref_logp=ref_logp, autocast=autocast, classes=classes, batches=batches,
-                       **update_options(cfg))  # fmt: skip
+    # 3. Policy updates: μ passes over the rollout, each K mini-batch optimizer steps.
+    stats = policy_updates(cfg, model, ref_model, optimizer, r, advantages, loss_mask, classes, adjust, autocast)
     if sampler is not model:
         copy_weights(sampler, model, head)
     return {"rollout": r, "batch": batch, "answers": [ex.answer for ex in batch for _ in range(G)],
-            "rewards": rewards, "advantages": advantages, "uniform": uniform, "accuracy": accuracy, "stats": stats,
+            "rewards": rewards, "advantages": advantages, "uniform": uniform, "accuracy": scores.accuracy,
+            "reward_parts": scores.parts, "reward_failures": scores.failures, "stats": merged_stats(stats),
             "classes": classes, "loss_mask": loss_mask, "resample_rounds": rounds,
             "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1, "t0": t0}  # fmt: skip
 
 
+def policy_updates(cfg: Config, model, ref_model, optimizer, r: Rollout, advantages: th.Tensor, loss_mask: th.Tensor,
+                   classes: th.Tensor | None, adjust: LogitAdjust, autocast: bool = False) -> list[dict]:  # fmt: skip
+    """μ = num_iterations passes over the rollout, each K = steps_per_rollout optimizer steps (`update`) on
+    consecutive mini-batches of its rows (whole groups when G divides B/K), against old and reference log-probs
+    computed once before the first (real old log-probs when K · μ > 1; with K = μ = 1, π_old is the detached policy).
+    Each mini-batch's loss is normalised by its own token and sequence counts. Returns the last pass's statistics,
+    one dict per mini-batch."""
+    model.train()
+    K = cfg.steps_per_rollout
+    splits = th.arange(r.completion_ids.shape[0]).tensor_split(K) if K > 1 else [None]
+    minis = [take_rows(r, rows, advantages, loss_mask, classes) for rows in splits]
+    runs = []  # per mini-batch: its micro-batches (the same for every pass), old and reference log-probs
+    for part, _, mask, _ in minis:
+        batches = micro_batches(part, mask, cfg.micro_batch_size, cfg.micro_batch_tokens)
+        logprobs = partial(batched_logprobs, r=part, adjust=adjust, batches=batches, chunk=cfg.logprob_chunk,
+                           autocast=autocast)  # fmt: skip
+        runs.append((batches, logprobs(model) if K * cfg.num_iterations > 1 else None,
+                     logprobs(ref_model) if ref_model is not None else None))  # fmt: skip
+    for _ in range(cfg.num_iterations):
+        stats = [update(model, optimizer, part, adv, adjust, loss_mask=mask, old_logp=old, ref_logp=ref,
+                        autocast=autocast, classes=cls, batches=batches, **update_options(cfg))
+                 for (part, adv, mask, cls), (batches, old, ref) in zip(minis, runs, strict=True)]  # fmt: skip
+    return stats
+
+
 def rollout_and_score(cfg: Config, sampler, head, tokenizer, adjust: LogitAdjust, batch: list[data.Example],
-                      step: int, score_fn, round_: int = 0, cache: list | None = None):  # fmt: skip
-    """G completions of each prompt in `batch` from the current policy and their rewards (the verifier's plus the
-    overlong penalty): (rollout, rewards (B,), accuracies), or None if preempted. Each sample has its own seed (see
+                      step: int, scorer, round_: int = 0, cache: list | None = None):  # fmt: skip
+    """G completions of each prompt in `batch` from the current policy and their rewards (`scorer`: samples →
+    scoring.Scores): (rollout, rewards (B,), scores), or None if preempted. Each sample has its own seed (see
     rollout.sample_seed); dynamic sampling's round k numbers its samples from k·G."""
     G = cfg.group_size
     prompts = [ex.prompt_ids for ex in batch for _ in range(G)]
@@ -488,18 +493,13 @@ def rollout_and_score(cfg: Config, sampler, head, tokenizer, adjust: LogitAdjust
     per_slot = cfg.max_prompt_len + cfg.max_new_tokens
     slots = len(cache[0][0]) if cache else slot_count(sampler, cfg.rollout_batch_size, len(prompts), cfg.rollout_kv_gib,
                                                       per_slot)  # fmt: skip
-    r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
-                slots=slots, cache=cache, head=head, should_stop=stop_requested,
+    r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, slots=slots, cache=cache, head=head, should_stop=stop_requested,
                 progress_every=30.0 if world()[0] == 0 else 0.0)  # fmt: skip
     if preempted():
         return None
-    answers = [ex.answer for ex in batch for _ in range(G)]
-    rewards, accuracy = score_fn(reward_texts(r.texts, r.opened_think), answers)
-    rewards = th.tensor(rewards, dtype=th.float32, device=r.completion_ids.device)
-    rewards += overlong_penalty(
-        r.completion_mask.sum(-1), cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
-    )
-    return r, rewards, list(accuracy)
+    examples = [ex for ex in batch for _ in range(G)]
+    scores = scorer(reward_samples(r, examples, adjust.vocab, cfg.max_new_tokens, cfg.overlong_buffer))
+    return r, th.tensor(scores.total, dtype=th.float32, device=r.completion_ids.device), scores
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -510,8 +510,9 @@ def train(cfg: Config, score_fn=None) -> Path:
     """Run GRPO as configured; returns the output directory (metrics.jsonl, samples.jsonl, config.json,
     checkpoints/, eval/). Under torchrun each rank samples its own share of the prompts; rank 0 alone writes.
 
-    score_fn(completions, answers) → (rewards, accuracies) replaces the math verifier (default: reward.score), in the
-    rollouts and in the periodic evaluation alike."""
+    The reward is cfg's list (--reward, --reward-weights; scoring.py). score_fn(completions, answers) → (rewards,
+    accuracies) replaces its accuracy function, the math verifier (toy tasks, tests), in the rollouts and in the
+    periodic evaluation alike."""
     check_config(cfg)
     device = setup_distributed(cfg.device, cfg.dist_timeout)
     rank, world_size = world()
@@ -530,13 +531,14 @@ def train(cfg: Config, score_fn=None) -> Path:
     resume_from = find_resume(cfg.resume, output_dir)
     model, tokenizer, vocab = load_policy(cfg, resume_from, device)
     cfg = planned(cfg, model, device)  # before the sampling copy, reference, optimizer state and KV cache exist
-    adjust = model_adjust(model, tokenizer, vocab, cfg.temperature)
+    adjust = model_adjust(model, tokenizer, vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
     ref_model = frozen_copy(model) if cfg.beta != 0 else None  # 0 loads no reference model
     sampler, head = sampling_policy(model, autocast, cfg.shard)
     if cfg.shard == "fsdp":  # after the vocabulary, checkpointing and the copies: they need the whole model
         shard(model, device, bf16=autocast)
         if ref_model is not None:
             shard(ref_model, device, bf16=autocast)
+    score = scoring.scorer(reward_entries(cfg), verifier=score_fn, timeout=cfg.reward_timeout)
     examples = load_prompts(cfg, tokenizer, cfg.dataset, cfg.split, cfg.max_samples,
                             prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)  # fmt: skip
     eval_examples = None
@@ -572,8 +574,8 @@ def train(cfg: Config, score_fn=None) -> Path:
     kv_cache = new_cache(sampler, slot_count(sampler, cfg.rollout_batch_size, jobs, cfg.rollout_kv_gib, per_slot),
                          per_slot)  # fmt: skip
     run_eval = partial(evaluate.during_training, sampler, tokenizer, eval_examples, adjust, samples=cfg.eval_samples,
-                       max_new_tokens=eval_len, top_p=cfg.top_p, batch_size=len(kv_cache[0][0]), seed=cfg.seed,
-                       head=head, score_fn=score_fn, output_dir=output_dir,
+                       max_new_tokens=eval_len, batch_size=len(kv_cache[0][0]), seed=cfg.seed,
+                       head=head, scorer=score, overlong_buffer=cfg.overlong_buffer, output_dir=output_dir,
                        steps=cfg.steps, should_stop=stop_requested, cache=kv_cache)  # fmt: skip
     # The starting point, or an evaluation a stop interrupted, on a line of its own.
     if eval_due(cfg, output_dir, step, eval_examples, fresh=resume_from is None):
@@ -581,7 +583,6 @@ def train(cfg: Config, score_fn=None) -> Path:
         if main_rank and len(m) > 1:
             log_step(output_dir, m, cfg.steps, run)
 
-    score = score_fn or partial(reward.score, format_weight=cfg.format_weight)
     while step < cfg.steps:
         batches = partial(data.prompt_batch, examples, step, cfg.prompts_per_step, seed=cfg.seed, rank=rank,
                           world_size=world_size)  # round_=k: dynamic sampling's further batches  # fmt: skip
@@ -674,14 +675,16 @@ def load_prompts(cfg: Config, tokenizer, source: str, split: str, max_samples: i
 
 
 def lr_lambda(warmup_steps: int, schedule: str, steps: int):
-    """The learning-rate factor: linear warmup, then constant or a cosine decay to 0 at `steps`."""
+    """The learning-rate factor: linear warmup, then constant, or a cosine or linear decay to 0 at `steps`."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(1, steps - warmup_steps), 1.0)
         if schedule == "cosine":
-            progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
         return 1.0
 
     return factor

@@ -36,6 +36,7 @@ def step_metrics(step: int, out: dict, group_size: int, model, adjust: LogitAdju
         "reward": float(rewards.mean()),
         "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         "accuracy": float(accuracy.mean()),
+        **reward_metrics(out["reward_parts"], out["reward_failures"], device),
         "frac_reward_zero_std": float(uniform.float().mean()),
         "groups_informative": float((~uniform).sum()),
         "groups_in_loss": float(in_loss),
@@ -70,6 +71,28 @@ def step_metrics(step: int, out: dict, group_size: int, model, adjust: LogitAdju
             m.update(rvocab.embed_drift(model, vocab))
     if out.get("classes") is not None:
         m.update(class_metrics(out, stats["by_class"]))
+    return m
+
+
+def merged_stats(stats: list[dict]) -> dict:
+    """One pass's update statistics over its K mini-batch steps: means, except by_class (summed), the largest
+    sampler_dlogp_max and the number of skipped steps."""
+    if len(stats) == 1:
+        return stats[0]
+    merged = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0] if k not in ("by_class", "skipped")}
+    merged["sampler_dlogp_max"] = max(s["sampler_dlogp_max"] for s in stats)
+    merged["skipped"] = sum(s["skipped"] for s in stats)
+    merged["by_class"] = sum(s["by_class"] for s in stats) if stats[0]["by_class"] is not None else None
+    return merged
+
+
+def reward_metrics(parts: dict[str, list[float]], failures: dict[str, int], device) -> dict[str, float]:
+    """reward/NAME (each reward function's mean, before its weight) and reward_failures/NAME (completions it scored 0
+    by failing) over every rank's completions."""
+    m = {}
+    for name, values in parts.items():
+        m[f"reward/{name}"] = float(all_gather_cat(th.tensor(values, dtype=th.float32, device=device)).mean())
+        m[f"reward_failures/{name}"] = float(all_reduce_sum(th.tensor([failures[name]], device=device)))
     return m
 
 

@@ -269,10 +269,10 @@ def plan_config(model: str):
                            head_dim=get("attention.key_length", hidden // heads), tie_word_embeddings=tied)  # fmt: skip
     try:
         return AutoConfig.from_pretrained(model)
-    except OSError:
+    except (OSError, ValueError):  # no config.json, or one without a model_type
         if model in QWEN3:
             return qwen3_config(model)
-        raise UsageError(f"--model {model}: no config.json found (a local directory, or a hub id in the local cache; "
+        raise UsageError(f"--model {model}: no model config.json found (a local directory, or a hub id in the local cache; "
                          f"known sizes without one: {', '.join(QWEN3)})") from None  # fmt: skip
 
 

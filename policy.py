@@ -5,6 +5,14 @@
 h is the decoder's last hidden state (the output layer always runs in fp32), T the temperature, b_pad −∞ on embedding
 rows the tokenizer cannot produce (Qwen pads 151,669 → 151,936), and gate the reasoning vocabulary's think gate and
 offset (vocab.py). The sampler and every training log-prob (policy, old, reference) call the same `LogitAdjust`.
+
+The sampler may draw from a truncation q of π (top-k, top-p, min-p: `LogitAdjust.truncate`); the loss scores the
+full π. q's support moves with θ (a token entering or leaving the kept set jumps between a finite log-prob and −∞),
+so ratios against it, and the KL to a reference, would be undefined where the supports differ; TRL and verl score the
+full tempered distribution too, so runs compare. The rollout records log q (the distribution actually sampled from),
+so the sampler correction (grpo.policy_loss) weighs each sampled token by π_old/q: from truncation alone that weight
+is the kept set's mass under π (≤ 1), which importance-weights q's samples toward π over q's support; with
+--sampler-correction none the gradient treats q's samples as π's.
 """
 
 from __future__ import annotations
@@ -24,16 +32,39 @@ from noise import row_uniforms
 class LogitAdjust:
     """Raw lm_head logits → the policy's logits: z / T, then −∞ on rows never to be sampled (Qwen pads its embedding
     beyond the tokenizer), then the reasoning-vocabulary gate. Temperature comes before the gate's offset so that
-    step-0 invariance holds at every temperature. `vocab` None: no reasoning vocabulary."""
+    step-0 invariance holds at every temperature. `vocab` None: no reasoning vocabulary. top_k, top_p and min_p
+    truncate what the sampler draws from (`truncate`), never the training log-probs (module docstring)."""
 
     temperature: float
     bias: th.Tensor  # (V,) 0, or −∞ on padding rows
     vocab: rvocab.ReasoningVocab | None = None
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
 
     def __call__(self, logits: th.Tensor, inside: th.Tensor | None) -> th.Tensor:
         z = logits.float() / self.temperature + self.bias.to(logits.device)
         if self.vocab is not None:
             z = self.vocab.adjust_logits(z, inside)
+        return z
+
+    def truncate(self, z: th.Tensor) -> th.Tensor:
+        """The sampler's logits: z (B, V) with −∞ outside the kept set K, the rest unchanged, so that
+        q = softmax(truncate(z)) = π / π(K) on K. In transformers' order, each on what the previous one kept:
+
+            top-k   the k largest logits (ties with the k-th kept too)
+            top-p   the smallest prefix, by descending probability, whose mass reaches p
+            min-p   the tokens whose probability is ≥ min_p · the largest probability"""
+        V = z.shape[-1]
+        if 0 < self.top_k < V:
+            z = z.masked_fill(z < z.topk(self.top_k, -1).values[:, -1:], -math.inf)
+        if self.top_p < 1.0:  # over the top-k only: the rest are already −∞
+            sorted_z, order = z.topk(self.top_k if 0 < self.top_k < V else V, -1)  # descending
+            p = sorted_z.softmax(-1)
+            z = th.full_like(z, -math.inf).scatter(-1, order, sorted_z.masked_fill(p.cumsum(-1) - p >= self.top_p,
+                                                                                     -math.inf))  # fmt: skip
+        if self.min_p > 0.0:  # p_i ≥ min_p · p_max  ⇔  z_i ≥ z_max + log(min_p): no softmax needed
+            z = z.masked_fill(z < z.max(-1, keepdim=True).values + math.log(self.min_p), -math.inf)
         return z
 
     def inside(self, completion_ids: th.Tensor, start_inside: th.Tensor | None) -> th.Tensor | None:
@@ -66,12 +97,14 @@ def padding_bias(num_rows: int, num_tokens: int, standard_size: int) -> th.Tenso
     return bias
 
 
-def model_adjust(model, tokenizer, vocab: rvocab.ReasoningVocab | None, temperature: float) -> LogitAdjust:
-    """The policy's LogitAdjust for a (possibly expanded) model: its rows beyond the tokenizer masked, its gate."""
+def model_adjust(model, tokenizer, vocab: rvocab.ReasoningVocab | None, temperature: float, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0) -> LogitAdjust:  # fmt: skip
+    """The policy's LogitAdjust for a (possibly expanded) model: its rows beyond the tokenizer masked, its gate, the
+    sampler's truncation."""
     rows = model.get_input_embeddings().weight.shape[0]
     standard_size = vocab.standard_size if vocab is not None else rows
     bias = padding_bias(rows, len(tokenizer), standard_size).to(model.get_input_embeddings().weight.device)
-    return LogitAdjust(temperature, bias, vocab)
+    return LogitAdjust(temperature, bias, vocab, top_k, top_p, min_p)
 
 
 def lm_head_fp32(head: th.nn.Linear, hidden: th.Tensor) -> th.Tensor:
@@ -117,9 +150,9 @@ def entropy_of(z: th.Tensor, vocab: rvocab.ReasoningVocab | None = None) -> th.T
 Noise = th.Generator | tuple[th.Tensor, th.Tensor] | None
 
 
-def sample_tokens(z: th.Tensor, top_p: float, noise: Noise, greedy: bool = False) -> tuple[th.Tensor, th.Tensor]:
-    """Exact sampling from softmax(z) (B, V) → (tokens (B,), log-probs (B,) under the distribution sampled from);
-    `greedy` takes the argmax instead (evaluation).
+def sample_tokens(z: th.Tensor, noise: Noise, greedy: bool = False) -> tuple[th.Tensor, th.Tensor]:
+    """Exact sampling from softmax(z) (B, V) → (tokens (B,), their log-probs (B,) under softmax(z)); `greedy` takes
+    the argmax instead (evaluation). The sampler passes its truncated logits (`LogitAdjust.truncate`).
 
     Exponential race (Gumbel-max): argmax_i z_i − log E_i with E_i ~ Exp(1) i.i.d. picks i with probability
     softmax(z)_i, because −log E_i is standard Gumbel noise. One elementwise pass and one argmax over V instead of a
@@ -128,11 +161,6 @@ def sample_tokens(z: th.Tensor, top_p: float, noise: Noise, greedy: bool = False
     if greedy:
         tokens = z.argmax(-1)
         return tokens, z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(-1)
-    if top_p < 1.0:  # keep the smallest set of top tokens whose mass reaches top_p, renormalised
-        sorted_z, order = z.sort(dim=-1, descending=True)
-        mass_before = sorted_z.softmax(-1).cumsum(-1) - sorted_z.softmax(-1)
-        sorted_z = sorted_z.masked_fill(mass_before >= top_p, -math.inf)
-        z = th.full_like(z, -math.inf).scatter(-1, order, sorted_z)
     # U[0, 1), then E = −log U ~ Exp(1); U = 0 gives E = ∞, a token that cannot win
     u = row_uniforms(*noise, z.shape[-1]) if isinstance(noise, tuple) else th.empty_like(z).uniform_(generator=noise)
     race = u.log_().neg_()  # uniform + log: ~3× faster than exponential_ on CPU, the same on GPU

@@ -23,6 +23,7 @@ import engine
 import vocab as rvocab
 from noise import row_seeds
 from policy import LogitAdjust, entropy_of, lm_head_fp32, sample_tokens
+from scoring import Sample
 from sharding import full
 
 
@@ -50,7 +51,6 @@ def rollout(
     *,
     max_new_tokens: int,
     eos_ids: list[int] | None = None,
-    top_p: float = 1.0,
     greedy: bool = False,
     slots: int = 0,
     head=None,
@@ -68,7 +68,7 @@ def rollout(
     model.eval()
     try:
         r = generate(model, prompts, seeds, adjust, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                     pad_id=tokenizer.pad_token_id, slots=slots, top_p=top_p, greedy=greedy, head=head, cache=cache,
+                     pad_id=tokenizer.pad_token_id, slots=slots, greedy=greedy, head=head, cache=cache,
                      should_stop=should_stop, progress_every=progress_every)  # fmt: skip
     finally:
         model.train(was_training)
@@ -130,6 +130,39 @@ def reward_texts(completions: list[str], prompt_opened_think: list[bool]) -> lis
     return [rvocab.THINK + t if o else t for t, o in zip(completions, prompt_opened_think, strict=True)]
 
 
+def reward_samples(r: Rollout, examples: list, vocab: rvocab.ReasoningVocab | None, max_new_tokens: int,
+                   overlong_buffer: int = 0) -> list[Sample]:  # fmt: skip
+    """The rollout's completions as the reward functions see them (scoring.Sample), `examples` (data.Example) one per
+    completion: the text after the think block its prompt opened (`reward_texts`), the gold answer, the dataset row,
+    and the token facts."""
+    mask = r.completion_mask.bool()
+    num_tokens, truncated = mask.sum(-1).tolist(), r.truncated.tolist()
+    copies = (r.completion_ids >= vocab.standard_size) & mask if vocab is not None else th.zeros_like(mask)
+    texts = reward_texts(r.texts, r.opened_think)
+    return [Sample(t, ex.answer, ex.row, n, bool(tr), k, max_new_tokens, overlong_buffer)
+            for t, ex, n, tr, k in zip(texts, examples, num_tokens, truncated, copies.sum(-1).tolist(), strict=True)]  # fmt: skip
+
+
+def take_rows(r: Rollout, rows: th.Tensor | None, *per_row) -> tuple:
+    """(the rollout's rows `rows`, cut to their longest completion, *each per-row tensor (B,) or (B, T) at those rows
+    and cut alike); rows None: (r, *per_row) as they are. None in per_row stays None."""
+    if rows is None:
+        return (r, *per_row)
+    T = max(int(r.completion_mask[rows].sum(-1).max()), 1)
+
+    def pick(x, cut=True):
+        x = x if x is None else x[rows.to(x.device)]
+        return x[:, :T] if cut and x is not None and x.dim() == 2 else x
+
+    def listed(xs):
+        return xs if xs is None else [xs[i] for i in rows.tolist()]
+
+    part = Rollout(pick(r.prompt_ids, False), pick(r.prompt_mask, False), pick(r.completion_ids),
+                   pick(r.completion_mask), pick(r.truncated), pick(r.logp), pick(r.entropy), pick(r.start_inside),
+                   listed(r.texts), listed(r.opened_think))  # fmt: skip
+    return (part, *(pick(x) for x in per_row))
+
+
 def decode(tokenizer, vocab: rvocab.ReasoningVocab | None, ids: list[int], mark: bool = False) -> str:
     """Completion text as the reward sees it: reasoning ids mapped to their standard tokens (⟦marked⟧ for logs)."""
     if vocab is not None:
@@ -184,7 +217,6 @@ def sample(
     max_new_tokens: int,
     eos_ids: list[int],
     pad_id: int,
-    top_p: float = 1.0,
     generator: th.Generator | None = None,
     seeds: list[int] | None = None,
     greedy: bool = False,
@@ -229,7 +261,7 @@ def sample(
     tokens, logps, ents, alive = [], [], [], []
     for t in range(max_new_tokens):
         z = adjust(lm_head_fp32(model.get_output_embeddings(), hidden), inside)  # (B, V)
-        tok, lp = sample_tokens(z, top_p, (seed_of, th.full_like(seed_of, t)) if seeds else generator, greedy)
+        tok, lp = sample_tokens(adjust.truncate(z), (seed_of, th.full_like(seed_of, t)) if seeds else generator, greedy)
         ents.append(entropy_of(z, vocab))
         tok = tok.masked_fill(done, pad_id)
         tokens.append(tok)

@@ -49,10 +49,11 @@ def test_deepscaler_problem_answer(tmp_path, fmt):
         {"problem": " Find $x$. ", "solution": "x is \\boxed{7}", "answer": "-\\frac{2}{3}", "difficulty": 2.0},
     ]
     out = load_rows(write(tmp_path, rows, fmt))
-    # `answer` wins over the solution's \boxed{}; text is stripped; index is the source row.
+    # `answer` wins over the solution's \boxed{}; text is stripped; index is the source row, `source` the row as read
+    # (what reward functions see).
     assert out == [
-        {"problem": "What is $1+1$?", "answer": "2", "index": 0},
-        {"problem": "Find $x$.", "answer": "-\\frac{2}{3}", "index": 1},
+        {"problem": "What is $1+1$?", "answer": "2", "index": 0, "source": rows[0]},
+        {"problem": "Find $x$.", "answer": "-\\frac{2}{3}", "index": 1, "source": rows[1]},
     ]
 
 

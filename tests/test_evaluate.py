@@ -15,6 +15,7 @@ import evaluate
 import grpo
 import policy
 import reward
+import scoring
 import vocab as rvocab
 from evaluate import pass_at_k
 from tests.test_grpo import run_cfg
@@ -76,7 +77,7 @@ def test_pass_ks():
 
 
 def test_cli_writes_consistent_records_and_summary(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    monkeypatch.setattr(reward, "score", even_length)
+    monkeypatch.setattr(reward, "accuracy_reward", lambda completion, answer: float(len(completion) % 2 == 0))
     data_file = write_problems(tmp_path / "probs.jsonl", n=5)
     out = tmp_path / "eval"
     summaries = evaluate.main(cli(tiny_model_dir, data_file, out))
@@ -115,7 +116,7 @@ def test_cli_writes_consistent_records_and_summary(tmp_path, tiny_model_dir, mon
 
 
 def test_greedy_repeats_one_completion(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(reward, "score", even_length)
+    monkeypatch.setattr(reward, "accuracy_reward", lambda completion, answer: float(len(completion) % 2 == 0))
     data_file = write_problems(tmp_path / "probs.jsonl", n=3)
     summary = evaluate.main(cli(tiny_model_dir, data_file, tmp_path / "eval", "--greedy"))[str(data_file)]
     records = read_jsonl(tmp_path / "eval" / "probs.jsonl")
@@ -129,7 +130,7 @@ def test_results_do_not_depend_on_batch_size_and_training_mode_is_restored(tmp_p
     model, tokenizer = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
     adjust = policy.model_adjust(model, tokenizer, None, 1.0)
     examples = evaluate.data.load_examples(str(write_problems(tmp_path / "p.jsonl", n=3)), tokenizer)
-    kw = dict(samples=2, max_new_tokens=8, score_fn=even_length)
+    kw = dict(samples=2, max_new_tokens=8, scorer=scoring.scorer(verifier=even_length))
     model.train()
     one, summary_one = evaluate.evaluate(model, tokenizer, examples, adjust, batch_size=1, **kw)
     assert model.training
@@ -145,7 +146,7 @@ def test_results_do_not_depend_on_batch_size_and_training_mode_is_restored(tmp_p
 
 
 def test_checkpoint_with_reasoning_vocab_reports_its_share(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(reward, "score", even_length)
+    monkeypatch.setattr(reward, "accuracy_reward", lambda completion, answer: float(len(completion) % 2 == 0))
     model, tokenizer = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
     vocab = rvocab.add_reasoning_vocab(model, tokenizer, rvocab.ALL_REGULAR)
     ckpt = tmp_path / "ckpt"  # as checkpoints.save_checkpoint writes it
@@ -177,7 +178,7 @@ def _evaluate_as_rank(rank: int, store: Path, inputs: tuple, result: Path) -> No
 
     model, tokenizer, examples, adjust = inputs
     records, summary = evaluate.evaluate(model, tokenizer, examples, adjust, samples=3, max_new_tokens=8, batch_size=2,
-                                         score_fn=counting)  # fmt: skip
+                                         scorer=scoring.scorer(verifier=counting))  # fmt: skip
     result.write_text(json.dumps({"records": records, "summary": summary, "scored": sum(scored)}))
     dist.destroy_process_group()
 
@@ -192,7 +193,9 @@ def test_two_ranks_evaluate_like_one_process(tmp_path, tiny_model_dir):
     threads = th.get_num_threads()
     th.set_num_threads(1)  # as in the ranks, so that the float arithmetic is the same
     try:
-        one = evaluate.evaluate(model, tokenizer, examples, adjust, samples=3, max_new_tokens=8, score_fn=even_length)
+        one = evaluate.evaluate(
+            model, tokenizer, examples, adjust, samples=3, max_new_tokens=8, scorer=scoring.scorer(verifier=even_length)
+        )
     finally:
         th.set_num_threads(threads)
     fork = multiprocessing.get_context("fork")

@@ -14,7 +14,8 @@ import checkpoints
 import grpo
 import policy
 import rollout
-from config import Config, parse_args
+from cli import parse_args
+from config import Config
 from grpo import group_advantages, policy_loss
 from policy import LogitAdjust
 from tests.conftest import tiny_model, weights_of
@@ -166,7 +167,7 @@ def test_policy_loss_rejects_unknown_type():
 def test_gumbel_sampling_matches_softmax():
     z = th.tensor([[2.0, 1.0, 0.0, -math.inf, -1.0]]).repeat(40_000, 1)
     g = th.Generator().manual_seed(0)
-    tokens, logp = policy.sample_tokens(z, 1.0, g)
+    tokens, logp = policy.sample_tokens(z, g)
     freq = th.bincount(tokens, minlength=5).float() / tokens.numel()
     p = z[0].softmax(-1)
     assert freq[3] == 0  # −∞ never wins
@@ -176,7 +177,8 @@ def test_gumbel_sampling_matches_softmax():
 
 def test_top_p_keeps_the_nucleus_and_renormalises():
     z = th.log(th.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20_000, 1)
-    tokens, logp = policy.sample_tokens(z, 0.8, th.Generator().manual_seed(1))
+    z = LogitAdjust(1.0, th.zeros(4), top_p=0.8).truncate(z)
+    tokens, logp = policy.sample_tokens(z, th.Generator().manual_seed(1))
     assert set(tokens.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8
     assert th.allclose(logp[tokens == 0], th.tensor(math.log(0.5 / 0.8)))
 

@@ -1,5 +1,5 @@
 """The objective's options, against hand-computed values: dynamic sampling (DAPO: uniform groups out of the loss and
-its normaliser, further rounds of prompts), GSPO's sequence-level ratio and clipping, the soft overlong punishment,
+its normaliser, further rounds of prompts), GSPO's sequence-level ratio and clipping, mini-batch updates (--steps-per-rollout),
 and the reasoning-vocabulary diagnostics per token class."""
 
 import json
@@ -13,20 +13,9 @@ import grpo
 import logs
 import policy
 import vocab as rvocab
-from grpo import overlong_penalty, policy_loss, uniform_groups
+from grpo import policy_loss, uniform_groups
 from tests.conftest import tiny_model
 from tests.test_grpo import _rollout, letter_e, plain_adjust, run_cfg, tiny_cfg, weights_after_update
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Soft overlong punishment
-
-
-def test_overlong_penalty_curve():
-    lengths = th.tensor([1, 12, 16, 17, 18, 19, 20])  # L_max 20, buffer 4: the ramp covers lengths 17 … 20
-    assert overlong_penalty(lengths, 20, 4, penalty=1.0).tolist() == [0, 0, 0, -0.25, -0.5, -0.75, -1.0]
-    assert overlong_penalty(lengths, 20, 4, penalty=0.5).tolist() == [0, 0, 0, -0.125, -0.25, -0.375, -0.5]
-    assert overlong_penalty(lengths, 20, 0).tolist() == [0.0] * 7  # off
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Dynamic sampling
@@ -182,3 +171,76 @@ def test_reasoning_run_logs_diagnostics_and_usage(tmp_path, tiny_model_dir):
         assert all(math.isfinite(m[f"{c}_{k}"]) for c in policy.CLASSES for k in ("entropy", "abs_adv", "ratio"))
     usage = json.loads((out / "reasoning_usage.json").read_text())
     assert usage["step"] == 2 and sum(usage["counts"].values()) == sum(m["think_reasoning_tokens"] for m in lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mini-batch updates: K optimizer steps per rollout
+
+
+def mini_batch_setup():
+    adjust = plain_adjust(32, temperature=1.5)
+    r = _rollout(tiny_model(32), adjust)  # 8 rows = 4 groups of 2, uneven lengths
+    advantages = grpo.group_advantages(th.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]), 2)
+    return adjust, r, advantages
+
+
+def test_one_step_per_rollout_is_one_update_exactly():
+    adjust, r, advantages = mini_batch_setup()
+    cfg = tiny_cfg(max_new_tokens=9, steps_per_rollout=1)
+    weights = []
+    for via_policy_updates in (True, False):
+        model = tiny_model(32)
+        opt = th.optim.AdamW(model.parameters(), lr=1e-2)
+        if via_policy_updates:
+            grpo.policy_updates(cfg, model, None, opt, r, advantages, r.completion_mask, None, adjust)
+        else:
+            grpo.update(model, opt, r, advantages, adjust, loss_mask=r.completion_mask, old_logp=None, ref_logp=None,
+                        **grpo.update_options(cfg))  # fmt: skip
+        weights.append(th.cat([p.detach().flatten() for p in model.parameters()]))
+    assert th.equal(weights[0], weights[1])
+
+
+@pytest.mark.parametrize("loss_type", ["token", "sequence"])
+def test_two_steps_per_rollout_hand_computed(loss_type):
+    """K = 2: rows 0-3, then rows 4-7, each an SGD step on its own normaliser, both ratios against the log-probs of
+    the policy before the first step (the second sees ρ ≠ 1), with the sampler correction's weights."""
+    adjust, r, advantages = mini_batch_setup()
+    cfg = tiny_cfg(max_new_tokens=9, steps_per_rollout=2, loss_type=loss_type, eps_low=0.01, eps_high=0.01)
+    model = tiny_model(32)
+    stats = grpo.policy_updates(cfg, model, None, th.optim.SGD(model.parameters(), lr=0.5), r, advantages,
+                                r.completion_mask, None, adjust)  # fmt: skip
+    assert len(stats) == 2 and stats[0]["ratio"] == pytest.approx(1.0) and stats[1]["ratio"] != pytest.approx(1.0)
+
+    hand = tiny_model(32)
+    sgd = th.optim.SGD(hand.parameters(), lr=0.5)
+    mask = r.completion_mask.float()
+
+    def logprobs(rows):
+        return grpo.sequence_logprobs(hand, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows],
+                                      r.completion_mask[rows], adjust)  # fmt: skip
+
+    with th.no_grad():
+        old = logprobs(slice(None))
+    for rows in (slice(0, 4), slice(4, 8)):
+        m = mask[rows]
+        logp = logprobs(rows)
+        ratio = (logp - old[rows]).exp()
+        A = advantages[rows][:, None]
+        per_token = -th.min(ratio * A, ratio.clamp(0.99, 1.01) * A)
+        per_token = per_token * (old[rows] - r.logp[rows]).exp().clamp(max=cfg.sampler_cap)  # TIS
+        if loss_type == "token":
+            loss = (per_token * m).sum() / m.sum()
+        else:
+            loss = ((per_token * m).sum(-1) / m.sum(-1)).sum() / 4
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+    for p, q in zip(model.parameters(), hand.parameters(), strict=True):
+        assert (p - q).abs().max() < 1e-6
+
+
+def test_steps_per_rollout_run_logs_the_mean_of_its_steps(tmp_path, tiny_model_dir):
+    out = grpo.train(run_cfg(tiny_model_dir, tmp_path / "run", steps=2, steps_per_rollout=3), score_fn=letter_e)
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and all(math.isfinite(m["loss"]) for m in lines)
+    assert any(m["ratio"] != 1.0 for m in lines)  # the later mini-batches see π_θ ≠ π_old

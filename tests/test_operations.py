@@ -16,6 +16,7 @@ import pytest
 import torch as th
 
 import checkpoints
+import cli
 import config
 import distributed
 import evaluate
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
         (["--eval-every", "5"], "--eval-every 5: must be 0 without --eval-dataset"),
         (
             ["--few-shot", "What is 1 + 1?"],
-            "--few-shot ('What is 1 + 1?',): must be an even number of texts (PROBLEM RESPONSE pairs), got 1",
+            "--few-shot What is 1 + 1?: must be an even number of texts (PROBLEM RESPONSE pairs), got 1",
         ),
         (["--max-grad-norm", "nan"], "--max-grad-norm nan: must be"),
         (["--device", "gpu"], "--device gpu: must be auto, cpu, cuda or cuda:N"),
@@ -58,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bad_option_is_one_line_naming_the_flag(flags, message, tiny_model_dir, tmp_path, capsys):
     base = ["--model", str(tiny_model_dir), "--dataset", "arithmetic", "--output-dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_:  # a flag given twice: the last one counts
-        config.cli_config([*base, *flags])
+        cli.cli_config([*base, *flags])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
@@ -126,8 +127,9 @@ def test_help_and_option_errors_do_not_import_torch(script, tmp_path):
 
 def test_evaluate_uses_the_checkpoint_trainer_config_unless_given(tmp_path, tiny_model_dir, monkeypatch, capsys):
     trained = Config(model="x", instruction="Answer with a number.", system_prompt="Be brief.", enable_thinking=False,
-                     temperature=0.9, top_p=0.95, max_new_tokens=48, eval_max_new_tokens=5, max_prompt_len=200,
-                     few_shot=("What is 9 + 9?", "\\boxed{18}"))  # fmt: skip
+                     temperature=0.9, top_p=0.95, top_k=7, min_p=0.01, max_new_tokens=48, eval_max_new_tokens=5,
+                     max_prompt_len=200, few_shot=("What is 9 + 9?", "\\boxed{18}"),
+                     reward=("accuracy", "tests/rewards_for_tests.py:text_length"), reward_weights=(1.0, 0.5))  # fmt: skip
     (tiny_model_dir / "trainer_config.json").write_text(json.dumps(dataclasses.asdict(trained)))
     data = tmp_path / "p.jsonl"
     data.write_text(
@@ -150,6 +152,9 @@ def test_evaluate_uses_the_checkpoint_trainer_config_unless_given(tmp_path, tiny
     assert (used["temperature"], used["max_new_tokens"], used["max_prompt_len"]) == (0.9, 5, 200)
     assert used["few_shot"] == list(trained.few_shot) and shown == [trained.few_shot]
     assert used["top_p"] == 1.0  # given on the command line: the flag wins
+    assert (used["top_k"], used["min_p"], used["reward_weights"]) == (7, 0.01, [1.0, 0.5])
+    summary = json.loads((out / "summary.json").read_text())[str(data)]
+    assert summary["reward"] == pytest.approx(summary["reward/accuracy"] + 0.5 * summary["reward/text_length"])
     printed = capsys.readouterr().out
     assert "is a training checkpoint" in printed and "temperature=0.9 (trainer_config.json)" in printed
     assert "top_p=1.0 (given)" in printed
@@ -160,7 +165,7 @@ def test_evaluate_uses_the_checkpoint_trainer_config_unless_given(tmp_path, tiny
 
 def test_evaluate_without_trainer_config_keeps_its_defaults(tiny_model_dir):
     cfg = config.EvalConfig(model=str(tiny_model_dir))
-    assert config.with_training_options(cfg, set()) == cfg
+    assert cli.with_training_options(cfg, set()) == cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -67,13 +67,13 @@ multinode = pytest.mark.skipif(
 # The trainer's command line with a toy reward (the letter "e"): a random tiny model earns it about half the time, so
 # every step has a learning signal and the multi-node and one-process updates can be compared.
 TOY_SCRIPT = """
-import config, grpo
+import cli, grpo
 
 def letter_e(completions, answers):
     hits = [float("e" in c) for c in completions]
     return hits, hits
 
-grpo.train(config.cli_config(), score_fn=letter_e)
+grpo.train(cli.cli_config(), score_fn=letter_e)
 """
 
 
