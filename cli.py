@@ -21,11 +21,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
     argv = trl_names(sys.argv[1:] if argv is None else argv)
     preset = "none"
-    if "--preset" in argv:
-        i = argv.index("--preset")
-        if i + 1 >= len(argv) or argv[i + 1] not in PRESETS:
-            raise SystemExit(f"--preset takes one of {sorted(PRESETS)}")
-        preset = argv[i + 1]
+    for i, token in enumerate(argv):
+        if token == "--preset" or token.startswith("--preset="):
+            preset = token.partition("=")[2] if "=" in token else argv[i + 1] if i + 1 < len(argv) else ""
+            if preset not in PRESETS:
+                raise SystemExit(f"--preset takes one of {sorted(PRESETS)}")
     return cli_of(Config, argv, PRESETS[preset])
 
 
@@ -39,11 +39,14 @@ TRL_VALUES = {"loss_type": {"dapo": "token", "grpo": "sequence"}, "adv_scale": {
 
 def trl_names(argv: list[str]) -> list[str]:
     """argv with TRL's option names and values read as ours (TRL_NAMES, TRL_VALUES; `--x_y` as `--x-y`; `--flag
-    true|false` as `--flag` / `--no-flag`); `--epsilon E` without --epsilon-high sets both clip ranges, as in TRL.
-    Options given by a TRL name are recorded in TYPED, so errors name them as typed."""
+    true|false` as `--flag` / `--no-flag`), and a repeated --reward (or --reward-weights) as one list; `--epsilon E`
+    without --epsilon-high sets both clip ranges, as in TRL. An option typed otherwise than ours is recorded in TYPED,
+    so errors name it as typed."""
     config.TYPED.clear()
     flags = {f.name for f in dataclasses.fields(Config) if f.type == "bool"}
-    out, option, epsilon = [], None, None
+    out, option, epsilon, rest = [], None, None, []
+    if "--" in argv:  # what follows `--` is not an option
+        argv, rest = argv[: argv.index("--")], argv[argv.index("--") :]
     for token in argv:
         if option is not None and not token.startswith("--"):  # a value of the option before it
             if option in flags and token.lower() in ("true", "false"):
@@ -52,23 +55,48 @@ def trl_names(argv: list[str]) -> list[str]:
                 out.append(TRL_VALUES.get(option, {}).get(token.lower(), token))
                 epsilon = token if option == "eps_low" and "eps_low" in config.TYPED else epsilon
             continue
-        if token == "--" or not token.startswith("--"):
+        if not token.startswith("--"):
             option = None
             out.append(token)
             continue
-        name, eq, value = token[2:].partition("=")
-        name = name.replace("-", "_")
+        typed, eq, value = token.partition("=")
+        name = typed[2:].replace("-", "_")
         negated = name.startswith("no_") and name[3:] in TRL_NAMES
         option = TRL_NAMES.get(name[3:] if negated else name, name[3:] if negated else name)
-        if option != (name[3:] if negated else name):
-            config.TYPED[option] = token.partition("=")[0]
-        if eq:
-            value = TRL_VALUES.get(option, {}).get(value.lower(), value)
-            epsilon = value if option == "eps_low" and "eps_low" in config.TYPED else epsilon
-        out.append(flag_text("no_" + option if negated else option) + (eq + value if eq else ""))
+        spelled = flag_text("no_" + option if negated else option)
+        if typed != spelled:
+            config.TYPED[option] = typed
+        value = TRL_VALUES.get(option, {}).get(value.lower(), value)
+        epsilon = value if eq and option == "eps_low" and "eps_low" in config.TYPED else epsilon
+        if eq and option in flags and value.lower() in ("true", "false"):
+            out.append(flag_text(option if value.lower() == "true" else "no_" + option))
+        else:
+            out.append(spelled + (eq + value if eq else ""))
     if epsilon is not None and "eps_high" not in given_flags(out):
         out += ["--eps-high", epsilon]
-    return out
+    return merged_repeats(out, ("--reward", "--reward-weights")) + rest
+
+
+def merged_repeats(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv with each of `options` given more than once (`--reward a --reward b`) given once, with every value in
+    order (`--reward a b`): tyro would keep only the last."""
+    for opt in options:
+        out, values, first, i = [], [], None, 0
+        while i < len(argv):
+            token = argv[i]
+            if token != opt and not token.startswith(opt + "="):
+                out.append(token)
+                i += 1
+                continue
+            j = i + 1
+            while "=" not in token and j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            values += [token.partition("=")[2]] if "=" in token else argv[i + 1 : j]
+            first = len(out) if first is None else first
+            out += [opt] if first == len(out) else []
+            i = j
+        argv = out if first is None else out[: first + 1] + values + out[first + 1 :]
+    return argv
 
 
 def cli_of(cls, argv: list[str], default):
@@ -127,6 +155,9 @@ def eval_cli_config(argv: list[str] | None = None) -> EvalConfig:
     return exit_on_usage_error(lambda: check_eval_config(with_training_options(cfg, given_flags(argv))))
 
 
+REWARD_OPTIONS = ("reward", "reward_weights", "reward_timeout", "format_weight", "overlong_buffer", "overlong_penalty")
+
+
 def with_training_options(cfg: EvalConfig, given: set[str]) -> EvalConfig:
     """cfg with the TRAINED_OPTIONS not in `given` taken from <model>/trainer_config.json, if --model has one."""
     path = Path(cfg.model) / "trainer_config.json"
@@ -138,8 +169,9 @@ def with_training_options(cfg: EvalConfig, given: set[str]) -> EvalConfig:
         raise UsageError(f"{path}: unreadable ({e})") from None
     if trained.get("eval_max_new_tokens"):
         trained["max_new_tokens"] = trained["eval_max_new_tokens"]
+    kept = given | set(REWARD_OPTIONS) if given & set(REWARD_OPTIONS) else given  # the reward list: whole or not at all
     taken = {name: tuple(v) if isinstance(v := trained[name], list) else v  # JSON has lists; the config, tuples
-             for name in TRAINED_OPTIONS if name not in given and name in trained}  # fmt: skip
+             for name in TRAINED_OPTIONS if name not in kept and name in trained}  # fmt: skip
     cfg = dataclasses.replace(cfg, **taken)
     shown = ", ".join(f"{name}={getattr(cfg, name)!r} ({'trainer_config.json' if name in taken else 'given'})"
                       for name in TRAINED_OPTIONS if name in taken or name in given)  # fmt: skip

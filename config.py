@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -439,12 +440,15 @@ def check_config(cfg: Config, world_size: int | None = None) -> None:
         ("max_samples", cfg.max_samples is None or cfg.max_samples >= 1, "≥ 1"),
         ("eval_max_problems", cfg.eval_max_problems is None or cfg.eval_max_problems >= 1, "≥ 1"),
         ("eval_max_new_tokens", cfg.eval_max_new_tokens is None or cfg.eval_max_new_tokens >= 1, "≥ 1"),
+        (
+            "overlong_buffer",
+            cfg.eval_max_new_tokens is None or cfg.overlong_buffer <= cfg.eval_max_new_tokens,
+            "≤ --eval-max-new-tokens (the overlong reward is scored in evaluation too)",
+        ),
         ("device", DEVICE.fullmatch(cfg.device) is not None, "auto, cpu, cuda or cuda:N"),
     ]
     refuse_broken(cfg, rules)
-    for name, value in vars(cfg).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{flag(name)} {value}: must be a finite number")
+    refuse_non_finite(cfg)
     check_reward_functions(cfg)
     resuming = cfg.resume != "off" and (
         cfg.resume != "auto" or any((Path(cfg.output_dir) / "checkpoints").glob("step_*"))
@@ -495,6 +499,8 @@ def reward_rules(cfg) -> list[tuple[str, bool, str]]:
          "0 when --reward lists format (its weight is then in --reward-weights)"),
         ("overlong_buffer", cfg.overlong_buffer > 0 or "overlong" not in cfg.reward,
          "> 0 when --reward lists overlong (its ramp's length in tokens)"),
+        ("overlong_penalty", cfg.overlong_penalty == 1.0 or "overlong" not in cfg.reward,
+         "left at 1 when --reward lists overlong (its weight is then in --reward-weights)"),
     ]  # fmt: skip
 
 
@@ -544,6 +550,7 @@ def load_function(spec: str, option: str):
                 raise UsageError(f"{flag(option)} {spec}: no such file {where}")
             module_spec = importlib.util.spec_from_file_location(f"_{option}_{path.stem}", path)
             module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module  # where dataclasses and pickle look a module's names up
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
@@ -555,6 +562,14 @@ def load_function(spec: str, option: str):
     if not callable(fn):
         raise UsageError(f"{flag(option)} {spec}: {where} has no function {name}")
     return fn
+
+
+def refuse_non_finite(cfg) -> None:
+    """A UsageError for the first option holding a NaN or an infinity (a number, or one of a list's)."""
+    for name, value in vars(cfg).items():
+        for x in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise UsageError(f"{flag(name)} {x}: must be a finite number")
 
 
 def refuse_broken(cfg, rules: list[tuple[str, bool, str]]) -> None:
@@ -620,7 +635,7 @@ def check_eval_config(cfg: EvalConfig) -> EvalConfig:
     rules = [
         ("temperature", cfg.temperature > 0, "> 0 (use --greedy for argmax decoding)"),
         *sampling_rules(cfg),
-        ("overlong_buffer", 0 <= cfg.overlong_buffer <= cfg.max_new_tokens, "in [0, --max-new-tokens]"),
+        ("overlong_buffer", cfg.overlong_buffer >= 0, "≥ 0"),
         *reward_rules(cfg),
         ("samples", cfg.samples >= 1, "≥ 1"),
         ("max_new_tokens", cfg.max_new_tokens >= 1, "≥ 1"),
@@ -632,6 +647,7 @@ def check_eval_config(cfg: EvalConfig) -> EvalConfig:
         ("device", DEVICE.fullmatch(cfg.device) is not None, "auto, cpu, cuda or cuda:N"),
     ]
     refuse_broken(cfg, rules)
+    refuse_non_finite(cfg)
     check_reward_functions(cfg)
     check_model_source("model", cfg.model)
     for source in cfg.datasets:

@@ -133,7 +133,12 @@ _preempted = threading.Event()
 
 
 def _on_preempt(signum, frame):
+    """The first preemption signal sets the flag; later ones are ignored from then on. SLURM signals every process of
+    the step and launch.sh forwards the signal too, so a second one can arrive while the interpreter exits, when
+    Python has put its handlers back to the default (which would kill a rank that checkpointed cleanly); an ignored
+    signal stays ignored through the exit."""
     _preempted.set()
+    signal.signal(signum, signal.SIG_IGN)
 
 
 def catch_preemption() -> None:

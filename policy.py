@@ -52,20 +52,20 @@ class LogitAdjust:
         """The sampler's logits: z (B, V) with −∞ outside the kept set K, the rest unchanged, so that
         q = softmax(truncate(z)) = π / π(K) on K. In transformers' order, each on what the previous one kept:
 
-            top-k   the k largest logits (ties with the k-th kept too)
+            top-k   the k most likely tokens (ties with the k-th kept too)
             top-p   the smallest prefix, by descending probability, whose mass reaches p
-            min-p   the tokens whose probability is ≥ min_p · the largest probability"""
-        V = z.shape[-1]
-        if 0 < self.top_k < V:
-            z = z.masked_fill(z < z.topk(self.top_k, -1).values[:, -1:], -math.inf)
-        if self.top_p < 1.0:  # over the top-k only: the rest are already −∞
-            sorted_z, order = z.topk(self.top_k if 0 < self.top_k < V else V, -1)  # descending
-            p = sorted_z.softmax(-1)
-            z = th.full_like(z, -math.inf).scatter(-1, order, sorted_z.masked_fill(p.cumsum(-1) - p >= self.top_p,
-                                                                                     -math.inf))  # fmt: skip
-        if self.min_p > 0.0:  # p_i ≥ min_p · p_max  ⇔  z_i ≥ z_max + log(min_p): no softmax needed
-            z = z.masked_fill(z < z.max(-1, keepdim=True).values + math.log(self.min_p), -math.inf)
-        return z
+            min-p   the tokens whose probability is ≥ min_p · the largest probability
+
+        With a reasoning vocabulary the set is chosen over text, a token's copies merged into it (vocab.text_probs),
+        and a kept token keeps its copies: at step 0 a token and its copies share its mass, so choosing over ids
+        would keep half as many text tokens as the baseline (top-k 20: 10) and break step-0 invariance."""
+        if self.top_k <= 0 and self.top_p >= 1.0 and self.min_p <= 0.0:
+            return z
+        text = z if self.vocab is None else self.vocab.text_probs(z.softmax(-1)).log()  # (B, n_s): copies merged
+        keep = kept_set(text, self.top_k, self.top_p, self.min_p)
+        if self.vocab is not None:
+            keep = th.cat([keep, keep[:, self.vocab.source_ids.to(keep.device)]], -1)  # copies follow their sources
+        return z.masked_fill(~keep, -math.inf)
 
     def inside(self, completion_ids: th.Tensor, start_inside: th.Tensor | None) -> th.Tensor | None:
         """(B, T) think state *before* each completion token — the state its logits were adjusted with."""
@@ -73,6 +73,20 @@ class LogitAdjust:
             return None
         after = self.vocab.think_state(completion_ids, start_inside)
         return th.cat([start_inside[:, None], after[:, :-1]], dim=1)
+
+
+def kept_set(z: th.Tensor, top_k: int, top_p: float, min_p: float) -> th.Tensor:
+    """(B, V) bool: the tokens `LogitAdjust.truncate` keeps for logits (or log-probabilities) z (B, V)."""
+    keep = th.ones_like(z, dtype=th.bool)
+    if 0 < top_k < z.shape[-1]:
+        keep &= z >= z.topk(top_k, -1).values[:, -1:]
+    if top_p < 1.0:  # over what top-k kept, renormalised
+        sorted_z, order = z.masked_fill(~keep, -math.inf).sort(-1, descending=True)
+        p = sorted_z.softmax(-1)
+        keep &= ~th.zeros_like(keep).scatter(-1, order, p.cumsum(-1) - p >= top_p)
+    if min_p > 0.0:  # p_i ≥ min_p · p_max  ⇔  z_i ≥ z_max + log(min_p): no softmax needed
+        keep &= z >= z.max(-1, keepdim=True).values + math.log(min_p)
+    return keep
 
 
 # The reasoning-vocabulary diagnostics' token classes (see token_classes), in index order.

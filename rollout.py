@@ -1,7 +1,7 @@
 """Rollouts: prompts and per-sample seeds in, completions out — scored-ready text and the tensors training needs.
 
     r = rollout(model, tokenizer, prompts, seeds, adjust, max_new_tokens=..., batch_size=64)
-    rewards = score(reward_texts(r.texts, r.opened_think), answers)
+    scores = scorer(reward_samples(r, examples, adjust.vocab, max_new_tokens))     # scoring.py
 
 `rollout` is the one entry point (training, evaluation and bench.py call it); the engine (engine.py) does the
 decoding, with continuous batching. `sample` below is the simple reference loop the tests hold the engine to: one

@@ -192,12 +192,15 @@ def with_deadline(seconds: float, fn, *args, **kwargs):
             raise RewardTimeout(f"ran past its {seconds:g} s timeout (--reward-timeout)")
 
         previous = signal.signal(signal.SIGALRM, expire)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)  # a timer already running: resumed after
+        start = time.monotonic()
         try:
             return fn(*args, **kwargs)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+            if outer:
+                signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-6))
     if sys.getprofile() is not None:
         return fn(*args, **kwargs)
     deadline = time.monotonic() + seconds

@@ -1,6 +1,14 @@
 """Reward functions the tests name on the command line (`--reward tests/rewards_for_tests.py:NAME`)."""
 
+from __future__ import annotations
+
 import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Budget:  # a dataclass under postponed annotations imports only if the file's module is registered
+    tokens: int = 8
 
 
 def short_bonus(completion, answer, row, *, num_tokens, max_new_tokens):

@@ -2,6 +2,7 @@
 `--preset trl-defaults` with TRL GRPOConfig's defaults (each difference in docs/trl.md), and a `--help` that reads
 as prose: each option's text one paragraph, no empty defaults, no pointers to text it does not show."""
 
+import json
 import os
 import re
 import subprocess
@@ -45,6 +46,12 @@ def test_trl_names_equal_ours():
         (["--steps-per-generation", "2"], {"steps_per_rollout": 2}),
         (["--reward-funcs", "accuracy", "format"], {"reward": ("accuracy", "format")}),
         (["--group_size", "4", "--top_k", "20", "--min_p", "0.05"], {"group_size": 4, "top_k": 20, "min_p": 0.05}),
+        (["--mask-truncated-completions=false"], {"drop_truncated": False}),
+        (
+            ["--reward", "accuracy", "--reward", "format", "--reward=overlong"],
+            {"reward": ("accuracy", "format", "overlong")},
+        ),
+        (["--preset=trl-defaults"], {"preset": "trl-defaults", "max_new_tokens": 512}),
     ],
 )
 def test_trl_option(trl, ours):
@@ -60,6 +67,9 @@ def test_an_error_names_the_option_as_typed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.cli_config([*BASE, "--output-dir", str(tmp_path / "o"), "--top-k", "-1"])
     assert "error: --top-k -1: must be ≥ 0 (0 = off)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.cli_config([*BASE, "--output-dir", str(tmp_path / "o"), "--group_size", "1"])
+    assert capsys.readouterr().err.startswith("error: --group_size 1: must be ≥ 2")
 
 
 def test_trl_defaults_preset_has_trls_values_and_the_table_says_each_difference():
@@ -75,6 +85,16 @@ def test_trl_defaults_preset_has_trls_values_and_the_table_says_each_difference(
     for name in differs:
         if name not in ("preset", "output_dir"):
             assert f"`--{name.replace('_', '-')}`" in table, name
+
+
+def test_evaluate_takes_the_reward_list_whole_or_not_at_all(tmp_path):
+    trained = {"reward": ["accuracy", "format"], "reward_weights": [1.0, 0.1], "overlong_buffer": 4096, "top_k": 20}
+    (tmp_path / "trainer_config.json").write_text(json.dumps(trained))
+    taken = cli.with_training_options(cli.EvalConfig(model=str(tmp_path)), set())
+    assert (taken.reward, taken.reward_weights, taken.overlong_buffer, taken.top_k) == (("accuracy", "format"),
+                                                                                         (1.0, 0.1), 4096, 20)  # fmt: skip
+    mine = cli.with_training_options(cli.EvalConfig(model=str(tmp_path), reward=("accuracy",)), {"reward"})
+    assert (mine.reward, mine.reward_weights, mine.overlong_buffer, mine.top_k) == (("accuracy",), (), 0, 20)
 
 
 def test_lr_schedules():

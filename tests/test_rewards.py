@@ -102,6 +102,8 @@ def test_legacy_flags_join_the_list():
         (["--reward", "accuracy", "format", "--format-weight", "0.5"], "0 when --reward lists format"),
         (["--reward", "overlong"], "--overlong-buffer 0: must be > 0 when --reward lists overlong"),
         (["--reward-timeout", "0"], "--reward-timeout 0.0: must be > 0"),
+        (["--reward", "accuracy", "format", "--reward-weights", "1", "nan"], "--reward-weights nan: must be a finite"),
+        (["--reward", "overlong", "--overlong-buffer", "2", "--overlong-penalty", "0.5"], "left at 1 when --reward"),
     ],
 )
 def test_bad_reward_options_are_one_line_before_anything_loads(flags, message, tmp_path, tiny_model_dir, capsys):
@@ -121,7 +123,7 @@ def test_a_run_logs_each_reward_and_their_weighted_sum(tmp_path, tiny_model_dir)
             "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "6", "--max-prompt-len", "256",
             "--rollout-batch-size", "6", "--steps", "2", "--save-every", "0", "--device", "cpu",
             "--eval-every", "2", "--eval-dataset", "arithmetic", "--eval-max-problems", "3", "--eval-samples", "2",
-            "--reward", "accuracy", f"{PLUGINS}:text_length", "--reward-weights", "1", "0.5"]  # fmt: skip
+            "--reward", "accuracy", "--reward", f"{PLUGINS}:text_length", "--reward-weights", "1", "0.5"]  # fmt: skip
     out = grpo.train(cli.cli_config(argv))
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "reward" in m]

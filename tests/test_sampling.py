@@ -11,6 +11,7 @@ import engine
 import grpo
 import policy
 import rollout
+import vocab as rvocab
 from policy import LogitAdjust
 from tests.conftest import tiny_model
 
@@ -40,6 +41,21 @@ def truncated(p: th.Tensor = P, **knobs) -> th.Tensor:
 def test_truncation_keeps_the_hand_computed_set_renormalised(knobs, kept):
     kept = th.tensor(kept)
     assert th.allclose(truncated(**knobs), kept / kept.sum(), atol=1e-6)
+
+
+KNOBS = [{"top_k": 2}, {"top_k": 3}, {"top_p": 0.6}, {"top_p": 0.75}, {"min_p": 0.5}, {"top_k": 3, "top_p": 0.5}]
+
+
+@pytest.mark.parametrize("knobs", KNOBS)
+def test_truncation_is_over_text_with_a_reasoning_vocabulary(knobs):
+    """Tokens 0 and 1 have copies (ids 4, 5) that share their mass at step 0: the kept set is chosen over text and a
+    kept token keeps its copy, so q over text is the baseline's (top-k 2 over ids would keep only token 0 and its
+    copy)."""
+    vocab = rvocab.ReasoningVocab(standard_size=4, source_ids=th.tensor([0, 1]), think_id=2, end_think_id=3)
+    z = th.tensor([[0.2, 0.15, 0.2, 0.1, 0.2, 0.15]]).log()  # text [0.4, 0.3, 0.2, 0.1]
+    q = LogitAdjust(1.0, th.zeros(6), vocab, **knobs).truncate(z).softmax(-1)
+    assert th.allclose(vocab.text_probs(q)[0], truncated(**knobs), atol=1e-6)
+    assert th.allclose(q[0, 4:], q[0, :2])  # each copy kept with its source, at its share
 
 
 def test_truncation_leaves_masked_rows_masked():
