@@ -524,17 +524,29 @@ def check_reward_functions(cfg) -> None:
         if spec in BUILTIN_REWARDS:
             continue
         fn = load_function(spec, "reward")
-        try:
-            params = inspect.signature(fn).parameters.values()
-        except (TypeError, ValueError):  # a builtin or C function without a signature: assume it fits
+        facts = reward_facts(fn)
+        if facts is None:  # a builtin or C function without a signature: assume it fits
             continue
         try:
-            inspect.signature(fn).bind("", "", {}, **{p.name: None for p in params if p.name in REWARD_FACTS})
+            inspect.signature(fn).bind("", "", {}, **dict.fromkeys(facts))
         except TypeError as e:
             raise UsageError(
                 f"--reward {spec}: must take (completion, answer, row), and by keyword only what it names among "
                 f"{', '.join(REWARD_FACTS)} ({e})"
             ) from None
+
+
+def reward_facts(fn) -> tuple[str, ...] | None:
+    """The REWARD_FACTS a reward function takes by name (all of them with **kwargs); None when it has no signature."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return REWARD_FACTS
+    return tuple(p.name for p in params if p.name in REWARD_FACTS)
 
 
 @functools.cache

@@ -220,7 +220,8 @@ def load_rows(
     answer_field: str | None = None,
     skip_bad_rows: bool = False,
 ) -> list[dict]:
-    """Rows {"problem": str, "answer": str, "index": int, "source": the row as read} from a hub id, a local json/jsonl/parquet file or "arithmetic".
+    """Rows {"problem": str, "answer": str, "index": int, "source": the row as read} from a hub id, a local
+    json/jsonl/parquet file or "arithmetic".
 
     Fields are detected (see the module docstring) unless `prompt_field` / `answer_field` name them; a dotted name
     ("reward_model.ground_truth") reaches into a dict column. A bad row (missing field, empty problem, answer that is

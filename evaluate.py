@@ -125,9 +125,9 @@ def evaluate(
     with a reasoning vocabulary think_tokens and reasoning_tokens (reasoning ids among them), and each sample's reward
     (the weighted sum) and rewards ({name: value}). The summary is `summarize(records, samples)`. scorer(samples) →
     scoring.Scores scores them (default: the accuracy reward alone; overlong_buffer is the run's, for its overlong
-    reward); a completion is correct when its accuracy is 1. batch_size (the engine's slots), head, cache (a training run's KV
-    cache) and should_stop() go to rollout.rollout, and so does progress_every (> 0: a progress line every that many
-    seconds)."""
+    reward); a completion is correct when its accuracy is 1. batch_size (the engine's slots), head, cache (a training
+    run's KV cache) and should_stop() go to rollout.rollout, and so does progress_every (> 0: a progress line every
+    that many seconds)."""
     if samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"need samples, batch_size, max_new_tokens ≥ 1, got {samples}, {batch_size}, {max_new_tokens}")
     if not examples:
@@ -138,8 +138,8 @@ def evaluate(
     if mine:  # a rank can have none when there are more ranks than problems
         scorer = scorer or scoring.scorer()
         records = score_records(model, tokenizer, mine, adjust, samples, seed, scorer, overlong_buffer,
-                                max_new_tokens=max_new_tokens, greedy=greedy, slots=batch_size, head=head, should_stop=should_stop,
-                                progress_every=progress_every, cache=cache)  # fmt: skip
+                                max_new_tokens=max_new_tokens, greedy=greedy, slots=batch_size, head=head,
+                                should_stop=should_stop, progress_every=progress_every, cache=cache)  # fmt: skip
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, records)
@@ -285,7 +285,8 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
         t0 = time.perf_counter()
         records, summaries[source] = evaluate(sampler, tokenizer, examples, adjust, samples=cfg.samples,
                                               max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy, scorer=scorer,
-                                              overlong_buffer=cfg.overlong_buffer, batch_size=cfg.batch_size, seed=cfg.seed,
+                                              overlong_buffer=cfg.overlong_buffer, batch_size=cfg.batch_size,
+                                              seed=cfg.seed,
                                               head=model.get_output_embeddings(),
                                               progress_every=PROGRESS_EVERY if rank == 0 else 0.0)  # fmt: skip
         if rank == 0:  # after every dataset, so that a crash keeps the finished ones

@@ -493,7 +493,8 @@ def rollout_and_score(cfg: Config, sampler, head, tokenizer, adjust: LogitAdjust
     per_slot = cfg.max_prompt_len + cfg.max_new_tokens
     slots = len(cache[0][0]) if cache else slot_count(sampler, cfg.rollout_batch_size, len(prompts), cfg.rollout_kv_gib,
                                                       per_slot)  # fmt: skip
-    r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, slots=slots, cache=cache, head=head, should_stop=stop_requested,
+    r = rollout(sampler, tokenizer, prompts, seeds, adjust, max_new_tokens=cfg.max_new_tokens, slots=slots,
+                cache=cache, head=head, should_stop=stop_requested,
                 progress_every=30.0 if world()[0] == 0 else 0.0)  # fmt: skip
     if preempted():
         return None

@@ -30,8 +30,8 @@ The reward never raises and never hangs on model output; every call returns with
   comparison after _VERIFY_TIMEOUT_S seconds. The trainer calls the reward in the main thread of every DDP rank
   (each rank is its own process), so this is the normal path;
 - signal.alarm raises ValueError in any other thread, so there math-verify's timeouts are switched off and
-  _with_deadline bounds the whole call to _THREAD_DEADLINE_S instead: a sys.setprofile hook raises math-verify's
-  TimeoutException at the first Python function call past the deadline. The hook costs ~2-3x in speed, on this
+  call_with_deadline bounds the whole call to _THREAD_DEADLINE_S instead: a sys.setprofile hook raises
+  math-verify's TimeoutException at the first function call past the deadline. The hook costs ~2-3x in speed, on this
   path only.
 """
 
@@ -326,24 +326,23 @@ def _accuracy(completion: str, answer) -> float:
     return 1.0 if verify(gold_expr, pred_expr, timeout_seconds=timeout) else 0.0
 
 
-def _with_deadline(fn, *args):
-    """fn(*args), interrupted _THREAD_DEADLINE_S after the start: the timeout for threads without signal.alarm.
+def call_with_deadline(seconds: float, error: BaseException, fn, *args, **kwargs):
+    """fn(*args, **kwargs), with `error` raised at its first function call (Python or C) once `seconds` have passed:
+    the timeout for threads without signal.alarm (accuracy_reward's here, scoring.py's for plug-in rewards).
 
-    A profile hook raises math-verify's TimeoutException at the first Python call after the deadline (math-verify
-    and accuracy_reward catch it). Like a signal, it cannot stop C code mid-call: _too_big rules out the big-int
-    arithmetic that could run that long. A profiler already running in this thread is left alone (no deadline).
-    """
+    A profile hook does it. Like a signal, it cannot stop C code mid-call (_too_big rules out the big-int arithmetic
+    that could run that long here). A profiler already running in this thread is left alone (no deadline)."""
     if sys.getprofile() is not None:
-        return fn(*args)
-    deadline = time.monotonic() + _THREAD_DEADLINE_S
+        return fn(*args, **kwargs)
+    deadline = time.monotonic() + seconds
 
     def check(frame, event, arg):
-        if event == "call" and time.monotonic() > deadline:
-            raise TimeoutException("accuracy_reward ran out of time")  # Python then removes this hook
+        if event in ("call", "c_call") and time.monotonic() > deadline:
+            raise error  # Python then removes this hook
 
     sys.setprofile(check)
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     finally:
         sys.setprofile(None)
 
@@ -353,7 +352,8 @@ def accuracy_reward(completion: str, answer: str) -> float:
     try:
         if _in_main_thread():
             return _accuracy(completion, answer)
-        return _with_deadline(_accuracy, completion, answer)
+        timeout = TimeoutException("accuracy_reward ran out of time")  # math-verify and accuracy_reward catch it
+        return call_with_deadline(_THREAD_DEADLINE_S, timeout, _accuracy, completion, answer)
     except (Exception, TimeoutException):  # math-verify's TimeoutException is a BaseException
         return 0.0
 

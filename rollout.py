@@ -138,9 +138,9 @@ def reward_samples(r: Rollout, examples: list, vocab: rvocab.ReasoningVocab | No
     mask = r.completion_mask.bool()
     num_tokens, truncated = mask.sum(-1).tolist(), r.truncated.tolist()
     copies = (r.completion_ids >= vocab.standard_size) & mask if vocab is not None else th.zeros_like(mask)
-    texts = reward_texts(r.texts, r.opened_think)
+    texts, reasoning = reward_texts(r.texts, r.opened_think), copies.sum(-1).tolist()
     return [Sample(t, ex.answer, ex.row, n, bool(tr), k, max_new_tokens, overlong_buffer)
-            for t, ex, n, tr, k in zip(texts, examples, num_tokens, truncated, copies.sum(-1).tolist(), strict=True)]  # fmt: skip
+            for t, ex, n, tr, k in zip(texts, examples, num_tokens, truncated, reasoning, strict=True)]  # fmt: skip
 
 
 def take_rows(r: Rollout, rows: th.Tensor | None, *per_row) -> tuple:

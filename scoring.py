@@ -4,8 +4,9 @@
 
 A reward function is any callable f(completion: str, answer: str, row: dict) -> float: a built-in (BUILTINS, by
 name) or one named on the command line as `module:function` or `path/to/file.py:function` (`--reward accuracy
---reward mypkg.rewards:length_penalty --reward-weights 1 0.1`). It may also declare, by name, any of the FACTS the
-trainer knows about the sample (keyword parameters, or **kwargs for all of them), e.g.
+--reward mypkg.rewards:length_penalty --reward-weights 1 0.1`). It may also declare, by name, any of the facts the
+trainer knows about the sample (config.REWARD_FACTS, the fields of `Sample` after the first three), as keyword
+parameters, or **kwargs for all of them, e.g.
 `def short(completion, answer, row, *, num_tokens): ...`.
 
 Nothing a reward function does stops the run: an exception, a value that is not a finite number, or a call that runs
@@ -19,7 +20,6 @@ built-ins are bounded by construction (reward.py) and run without a timer.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import signal
 import sys
@@ -28,10 +28,7 @@ import time
 from dataclasses import dataclass
 
 import reward
-from config import REWARD_FACTS, load_function
-
-# What a reward function may ask for besides (completion, answer, row), by parameter name.
-FACTS = REWARD_FACTS
+from config import load_function, reward_facts
 
 
 @dataclass(frozen=True)
@@ -90,7 +87,7 @@ class Reward:
     name: str  # logged as reward/<name>
     fn: object  # f(completion, answer, row, **facts) -> float
     weight: float
-    facts: tuple[str, ...]  # the FACTS fn takes
+    facts: tuple[str, ...]  # the config.REWARD_FACTS fn takes
     bounded: bool  # a built-in: no timer needed
 
 
@@ -102,9 +99,7 @@ def reward_list(entries: list[tuple[str, float]]) -> list[Reward]:
     rewards = []
     for (spec, weight), name in zip(entries, names, strict=True):
         fn = BUILTINS.get(spec) or load_function(spec, "reward")
-        params = inspect.signature(fn).parameters.values()
-        takes_all = any(p.kind is p.VAR_KEYWORD for p in params)
-        facts = FACTS if takes_all else tuple(p.name for p in params if p.name in FACTS)
+        facts = reward_facts(fn) or ()
         rewards.append(Reward(name if names.count(name) == 1 else spec, fn, float(weight), facts, spec in BUILTINS))
     return rewards
 
@@ -201,16 +196,5 @@ def with_deadline(seconds: float, fn, *args, **kwargs):
             signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
             if outer:
                 signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-6))
-    if sys.getprofile() is not None:
-        return fn(*args, **kwargs)
-    deadline = time.monotonic() + seconds
-
-    def check(frame, event, arg):
-        if event in ("call", "c_call") and time.monotonic() > deadline:
-            raise RewardTimeout(f"ran past its {seconds:g} s timeout (--reward-timeout)")
-
-    sys.setprofile(check)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        sys.setprofile(None)
+    return reward.call_with_deadline(seconds, RewardTimeout(f"ran past its {seconds:g} s timeout (--reward-timeout)"),
+                                     fn, *args, **kwargs)  # fmt: skip

@@ -50,7 +50,7 @@ def test_functions_see_the_row_and_the_facts_they_name():
     rewards = scoring.reward_list([(f"{PLUGINS}:gold_in_row", 1.0), (f"{PLUGINS}:every_fact", 1.0)])
     s = scoring.score([sample(answer="3", row={"answer": 3}), sample(answer="3", row={"answer": "4"})], rewards)
     assert s.parts["gold_in_row"] == [1.0, 0.0]
-    assert s.parts["every_fact"] == [5.0, 5.0]  # **facts: all of scoring.FACTS
+    assert s.parts["every_fact"] == [5.0, 5.0]  # **facts: all of config.REWARD_FACTS
 
 
 def test_builtins_are_the_configs_names():
