@@ -26,15 +26,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
             preset = token.partition("=")[2] if "=" in token else argv[i + 1] if i + 1 < len(argv) else ""
             if preset not in PRESETS:
                 raise SystemExit(f"--preset takes one of {sorted(PRESETS)}")
-    return cli_of(Config, argv, PRESETS[preset])
+    return trl_max_steps(cli_of(Config, argv, PRESETS[preset]))
 
 
 # TRL GRPOConfig names read as ours where they mean the same (docs/trl.md), and TRL's values where ours differ.
 TRL_NAMES = {"num_generations": "group_size", "max_completion_length": "max_new_tokens", "epsilon": "eps_low",
              "epsilon_high": "eps_high", "scale_rewards": "adv_scale", "mask_truncated_completions": "drop_truncated",
              "importance_sampling_level": "ratio_level", "learning_rate": "lr", "max_steps": "steps",
-             "steps_per_generation": "steps_per_rollout", "reward_funcs": "reward"}  # fmt: skip
+             "reward_funcs": "reward"}  # fmt: skip
 TRL_VALUES = {"loss_type": {"dapo": "token", "grpo": "sequence"}, "adv_scale": {"true": "group", "false": "none"}}
+# TRL names refused because ours differ in meaning, with what to give instead
+TRL_OTHER_MEANING = {
+    "steps_per_generation": "TRL's counts micro-batches of per_device_train_batch_size (steps_per_generation / "
+    "gradient_accumulation_steps optimizer steps per generation); give --steps-per-rollout K, the optimizer steps per "
+    "rollout (docs/trl.md)"
+}
 
 
 def trl_names(argv: list[str]) -> list[str]:
@@ -61,6 +67,8 @@ def trl_names(argv: list[str]) -> list[str]:
             continue
         typed, eq, value = token.partition("=")
         name = typed[2:].replace("-", "_")
+        if name in TRL_OTHER_MEANING:
+            raise UsageError(f"{typed}: {TRL_OTHER_MEANING[name]}")
         negated = name.startswith("no_") and name[3:] in TRL_NAMES
         option = TRL_NAMES.get(name[3:] if negated else name, name[3:] if negated else name)
         spelled = flag_text("no_" + option if negated else option)
@@ -75,6 +83,20 @@ def trl_names(argv: list[str]) -> list[str]:
     if epsilon is not None and "eps_high" not in given_flags(out):
         out += ["--eps-high", epsilon]
     return merged_repeats(out, ("--reward", "--reward-weights")) + rest
+
+
+def trl_max_steps(cfg: Config) -> Config:
+    """cfg with TRL's --max-steps N, which counts optimizer steps, read as N / (K · μ) rollouts: ours (--steps) are
+    rollouts of K · μ optimizer steps each (--steps-per-rollout × --num-iterations)."""
+    per_rollout = cfg.steps_per_rollout * cfg.num_iterations
+    if config.TYPED.get("steps", "").replace("_", "-") != "--max-steps" or per_rollout == 1 or cfg.steps < 1:
+        return cfg
+    if cfg.steps % per_rollout:
+        raise UsageError(
+            f"{config.TYPED['steps']} {cfg.steps}: counts optimizer steps (as TRL's), {per_rollout} per rollout here "
+            f"(--steps-per-rollout × --num-iterations): give a multiple of {per_rollout}"
+        )
+    return dataclasses.replace(cfg, steps=cfg.steps // per_rollout)
 
 
 def merged_repeats(argv: list[str], options: tuple[str, ...]) -> list[str]:

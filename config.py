@@ -56,7 +56,7 @@ class Config:
     """GRPO trainer options. Defaults are the real experiment: Qwen3-0.6B on DeepScaleR, seed 0. TRL's names are
     accepted too (docs/trl.md): --num-generations, --max-completion-length, --loss-type dapo|grpo|dr_grpo, --epsilon,
     --epsilon-high, --scale-rewards, --mask-truncated-completions, --importance-sampling-level, --learning-rate,
-    --max-steps, --steps-per-generation, --reward-funcs, and any option with underscores (--group_size)."""
+    --max-steps (optimizer steps, as TRL's), --reward-funcs, and any option with underscores (--group_size)."""
 
     preset: Literal["none", "demo", "demo-reasoning", "trl-defaults"] = "none"
     """Start from a named preset; options given beside it override its values. 'demo' is a small offline run on CPU,
@@ -138,8 +138,9 @@ class Config:
     num_iterations: int = 1
     """Passes over each rollout (μ, PPO epochs); > 1 computes real old log-probs and makes clipping matter."""
     steps_per_rollout: int = 1
-    """Split each rollout's completions into this many mini-batches, one optimizer step each, in every pass (K;
-    TRL's steps_per_generation): K · μ optimizer steps per rollout, against real old log-probs when K · μ > 1."""
+    """Split each rollout's completions into this many mini-batches, one optimizer step each, in every pass (K; TRL's
+    steps_per_generation / gradient_accumulation_steps): K · μ optimizer steps per rollout, against real old log-probs
+    when K · μ > 1."""
     sampler_correction: Literal["tis", "sequence_mask", "none"] = "tis"
     """Correct for the sampler's distribution differing from the trainer's (bf16 sampling): token-level truncated
     importance sampling, a sequence-level mask, or none (see policy_loss)."""
@@ -178,7 +179,7 @@ class Config:
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 10
-    """Linear warmup steps."""
+    """Linear warmup, in rollouts (as --steps; the rate changes between rollouts, not within one's K · μ steps)."""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """After warmup: constant, or a cosine or linear decay to 0 at --steps (TRL's default: linear)."""
     weight_decay: float = 0.0
@@ -197,7 +198,8 @@ class Config:
     """Recompute decoder layers in backward (memory): on, off, or 'auto' = on when the memory plan says one
     full-length sequence's activations would not fit otherwise."""
     steps: int = 1000
-    """Rollouts in total (each one --steps-per-rollout × --num-iterations optimizer steps)."""
+    """Rollouts in total (each one --steps-per-rollout × --num-iterations optimizer steps; TRL's --max-steps, which
+    counts optimizer steps, is divided by that)."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
 

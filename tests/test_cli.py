@@ -43,7 +43,9 @@ def test_trl_names_equal_ours():
         (["--mask_truncated_completions", "true"], {"drop_truncated": True}),
         (["--importance-sampling-level", "sequence"], {"ratio_level": "sequence"}),
         (["--learning_rate", "3e-6", "--max_steps", "7"], {"lr": 3e-6, "steps": 7}),
-        (["--steps-per-generation", "2"], {"steps_per_rollout": 2}),
+        # TRL's max_steps counts optimizer steps: 12 of them, 2 × 3 per rollout, are 2 rollouts
+        (["--max-steps", "12", "--steps-per-rollout", "2", "--num-iterations", "3"], {"steps": 2}),
+        (["--steps", "12", "--steps-per-rollout", "2", "--num-iterations", "3"], {"steps": 12}),
         (["--reward-funcs", "accuracy", "format"], {"reward": ("accuracy", "format")}),
         (["--group_size", "4", "--top_k", "20", "--min_p", "0.05"], {"group_size": 4, "top_k": 20, "min_p": 0.05}),
         (["--mask-truncated-completions=false"], {"drop_truncated": False}),
@@ -70,6 +72,20 @@ def test_an_error_names_the_option_as_typed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.cli_config([*BASE, "--output-dir", str(tmp_path / "o"), "--group_size", "1"])
     assert capsys.readouterr().err.startswith("error: --group_size 1: must be ≥ 2")
+
+
+def test_a_trl_name_that_means_otherwise_is_refused_saying_what_to_give(tmp_path, capsys):
+    for argv, said in [
+        (["--steps-per-generation", "4"], "error: --steps-per-generation: TRL's counts micro-batches"),
+        (
+            ["--max_steps", "9", "--steps-per-rollout", "2"],
+            "error: --max_steps 9: counts optimizer steps (as TRL's), 2",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.cli_config([*BASE, "--output-dir", str(tmp_path / "o"), *argv])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.startswith(said)
 
 
 def test_trl_defaults_preset_has_trls_values_and_the_table_says_each_difference():
