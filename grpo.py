@@ -91,12 +91,14 @@ from sharding import forward_call, full, is_sharded, shard
 # ALGO LOGIC: advantages, loss, training log-probs, update, one step
 
 
-def group_advantages(rewards: th.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> th.Tensor:
+def group_advantages(
+    rewards: th.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, reduce=lambda t: t
+) -> th.Tensor:
     """A_i = (r_i − mean_g(r)) / (std + ε) for rewards (num_prompts · G,), group-major.
 
-    mean_g is the mean of the sample's own group; std is the group's ("group", GRPO), the whole batch's ("batch"),
-    or 1 with no ε ("none", Dr.GRPO). std is Bessel-corrected (as TRL), ε = 1e-4. A group whose rewards are all
-    equal gets A = 0: it carries no learning signal."""
+    mean_g is the mean of the sample's own group; std is the group's ("group", GRPO), the whole batch's over every
+    rank ("batch"; `reduce` sums across ranks), or 1 with no ε ("none", Dr.GRPO). std is Bessel-corrected (as TRL),
+    ε = 1e-4. A group whose rewards are all equal gets A = 0: it carries no learning signal."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     if scale not in ("group", "batch", "none"):
@@ -108,8 +110,10 @@ def group_advantages(rewards: th.Tensor, group_size: int, scale: str = "group", 
     centered = th.where(uniform_groups(rewards, group_size)[:, None], 0.0, r - r.mean(-1, keepdim=True))
     if scale == "group":
         centered = centered / (r.std(-1, keepdim=True) + eps)
-    elif scale == "batch":
-        centered = centered / (r.std() + eps) if r.numel() > 1 else centered * 0
+    elif scale == "batch":  # from every rank's count, Σr and Σr² (float64)
+        d = r.double()
+        n, s1, s2 = reduce(th.stack([d.new_tensor(d.numel()), d.sum(), (d * d).sum()])).tolist()
+        centered = centered / (math.sqrt(max(s2 - s1 * s1 / n, 0) / (n - 1)) + eps) if n > 1 else centered * 0
     return centered.view(-1)
 
 
@@ -436,7 +440,7 @@ def grpo_step(cfg: Config, model, sampler, head, ref_model, optimizer, tokenizer
     if scored is None:
         return None
     r, rewards, scores = scored
-    advantages = group_advantages(rewards, G, cfg.adv_scale)
+    advantages = group_advantages(rewards, G, cfg.adv_scale, reduce=all_reduce_sum)
     loss_mask = r.completion_mask.clone()
     if cfg.drop_truncated:
         loss_mask[r.truncated] = 0

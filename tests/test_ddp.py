@@ -1,5 +1,6 @@
 """Data parallelism: `torchrun --nproc_per_node 2` makes the same update as one process on the same global batch, also
-with dynamic sampling (its further rounds are decided on every rank's groups, so every rank draws the same rounds)."""
+with dynamic sampling (its further rounds are decided on every rank's groups, so every rank draws the same rounds) and
+with advantages scaled by the batch's reward std (the std of every rank's rewards)."""
 
 import json
 import os
@@ -45,7 +46,9 @@ def run(args: list[str], cfg: dict, tmp_path: Path) -> subprocess.CompletedProce
     return out
 
 
-@pytest.mark.parametrize("extra", [{}, {"resample_rounds": 2}], ids=["plain", "dynamic-sampling"])
+@pytest.mark.parametrize(
+    "extra", [{}, {"resample_rounds": 2}, {"adv_scale": "batch"}], ids=["plain", "dynamic-sampling", "batch-std"]
+)
 def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, extra):
     cfg = dict(model=str(tiny_model_dir), dataset="arithmetic", prompts_per_step=4, group_size=3, max_new_tokens=8,
                max_prompt_len=256, micro_batch_size=4, rollout_batch_size=0, temperature=1.0, lr=1e-4, warmup_steps=0,
@@ -56,7 +59,7 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, extra):
     assert "2 rank(s)" in ddp.stdout
 
     m1 = assert_same_training(tmp_path / "one", tmp_path / "two")
-    if extra:
+    if "resample_rounds" in extra:
         assert any(m["resample_rounds"] > 0 for m in m1)  # further rounds were drawn, the same on both ranks
     w1 = weights_of(checkpoints.checkpoint_dirs(tmp_path / "one")[-1])
     w0 = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))[0].state_dict()
