@@ -147,7 +147,8 @@ class Config:
     sampler_cap: float = 2.0
     """C of the sampler correction: the TIS weight's cap, or the mask's bounds [1/C, C]."""
     drop_truncated: bool = False
-    """Exclude completions that hit max_new_tokens from the loss."""
+    """Exclude completions that hit max_new_tokens from the loss (they still count in the number of sequences that
+    --loss-type sequence and dr_grpo divide by, as in TRL)."""
     overlong_buffer: int = 0
     """Soft overlong punishment (DAPO): a reward penalty rising linearly to --overlong-penalty over the last N tokens
     before --max-new-tokens (the reward 'overlong', scoring.overlong); 0 = off."""

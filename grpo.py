@@ -338,13 +338,14 @@ def update(
     max_grad_norm: float = 1.0,
     autocast: bool = False,
     classes: th.Tensor | None = None,
+    in_batch: th.Tensor | None = None,
 ) -> dict:
     """One optimizer step (none when the gradient is non-finite or exactly 0): gradients accumulated over micro-batches
     (and summed over ranks), with the loss normalised by the token and sequence counts of the whole step on all ranks
-    (a row without a loss token counts in neither), so the update equals one process's on the global batch. eps_low,
-    eps_high, beta, loss_type, max_len and ratio_level are `policy_loss`'s; the sampler correction weighs by the
-    rollout's own log-probs (r.logp, the sampler's). With `classes` (B, T) (policy.token_classes) the result has
-    "by_class", policy_loss's sums over the whole step.
+    (N_seq counts the rows in_batch (B,), by default those with a loss token), so the update equals one process's on
+    the global batch. eps_low, eps_high, beta, loss_type, max_len and ratio_level are `policy_loss`'s; the sampler
+    correction weighs by the rollout's own log-probs (r.logp, the sampler's). With `classes` (B, T)
+    (policy.token_classes) the result has "by_class", policy_loss's sums over the whole step.
 
     Micro-batches (`micro_batches`): packed rows of at most `micro_batch_tokens` tokens (packing.py), or with 0
     padded blocks of `micro_batch_size` sequences; `batches` passes ones already made (the same for μ > 1). Either
@@ -352,7 +353,7 @@ def update(
 
     old_logp None means one update per rollout: π_old is the detached current policy (ρ = 1 in value)."""
     device = r.completion_ids.device
-    counts = th.tensor([loss_mask.sum(), (loss_mask.sum(-1) > 0).sum()], device=device)
+    counts = th.tensor([loss_mask.sum(), (loss_mask.any(-1) if in_batch is None else in_batch).sum()], device=device)
     num_tokens, num_sequences = all_reduce_sum(counts)
     num_tokens, num_sequences = max(float(num_tokens), 1.0), max(float(num_sequences), 1.0)
     optimizer.zero_grad(set_to_none=True)
@@ -391,9 +392,8 @@ def update(
     dlogp_max = all_reduce_max(dlogp_max)
     by_class = all_reduce_sum(by_class) if classes is not None else None
     grad_norm = float(full(th.nn.utils.clip_grad_norm_(params, max_grad_norm)))  # the same on every rank
-    # A NaN/inf never reaches the weights. A zero gradient (e.g. every group's rewards equal and β = 0) leaves the
-    # weights and AdamW's state (its decoupled weight decay too) as they are: AdamW would still move them along its
-    # momentum.
+    # A NaN/inf never reaches the weights. A zero gradient (all rewards equal, β = 0) leaves the weights and AdamW's
+    # state (its decoupled weight decay too) as they are: AdamW would still move them along its momentum.
     skipped = not math.isfinite(grad_norm)
     if skipped or grad_norm == 0.0:
         optimizer.zero_grad(set_to_none=True)
@@ -405,11 +405,9 @@ def update(
 
 def update_options(cfg: Config) -> dict:
     """The run's options that `update` takes (the loss's, micro-batching, clipping)."""
-    return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
-                max_len=cfg.max_new_tokens, micro_batch_size=cfg.micro_batch_size,
-                micro_batch_tokens=cfg.micro_batch_tokens,
-                sampler_correction=cfg.sampler_correction, sampler_cap=cfg.sampler_cap, ratio_level=cfg.ratio_level,
-                logprob_chunk=cfg.logprob_chunk, max_grad_norm=cfg.max_grad_norm)  # fmt: skip
+    same = ("eps_low", "eps_high", "beta", "loss_type", "micro_batch_size", "micro_batch_tokens", "sampler_correction",
+            "sampler_cap", "ratio_level", "logprob_chunk", "max_grad_norm")  # fmt: skip
+    return {"max_len": cfg.max_new_tokens, **{name: getattr(cfg, name) for name in same}}
 
 
 def grpo_step(cfg: Config, model, sampler, head, ref_model, optimizer, tokenizer, adjust: LogitAdjust,
@@ -442,16 +440,18 @@ def grpo_step(cfg: Config, model, sampler, head, ref_model, optimizer, tokenizer
     r, rewards, scores = scored
     advantages = group_advantages(rewards, G, cfg.adv_scale, reduce=all_reduce_sum)
     loss_mask = r.completion_mask.clone()
+    uniform = uniform_groups(rewards, G)  # (num_prompts,)
+    if cfg.skip_uniform_groups or cfg.resample_rounds:  # dynamic sampling: these groups leave the batch
+        loss_mask[uniform.repeat_interleave(G)] = 0
+    in_batch = loss_mask.any(-1)  # (B,) the rows N_seq counts: a dropped truncation stays in it (its loss is 0), as TRL
     if cfg.drop_truncated:
         loss_mask[r.truncated] = 0
-    uniform = uniform_groups(rewards, G)  # (num_prompts,)
-    if cfg.skip_uniform_groups or cfg.resample_rounds:
-        loss_mask[uniform.repeat_interleave(G)] = 0
     classes = token_classes(r.completion_ids, r.start_inside, adjust)  # (B, T) | None: the diagnostics' classes
     t1 = time.perf_counter()
 
     # 3. Policy updates: μ passes over the rollout, each K mini-batch optimizer steps.
-    stats = policy_updates(cfg, model, ref_model, optimizer, r, advantages, loss_mask, classes, adjust, autocast)
+    stats = policy_updates(cfg, model, ref_model, optimizer, r, advantages, loss_mask, classes, adjust, autocast,
+                           in_batch)  # fmt: skip
     if sampler is not model:
         copy_weights(sampler, model, head)
     return {"rollout": r, "batch": batch, "answers": [ex.answer for ex in batch for _ in range(G)],
@@ -462,18 +462,19 @@ def grpo_step(cfg: Config, model, sampler, head, ref_model, optimizer, tokenizer
 
 
 def policy_updates(cfg: Config, model, ref_model, optimizer, r: Rollout, advantages: th.Tensor, loss_mask: th.Tensor,
-                   classes: th.Tensor | None, adjust: LogitAdjust, autocast: bool = False) -> list[dict]:  # fmt: skip
+                   classes: th.Tensor | None, adjust: LogitAdjust, autocast: bool = False,
+                   in_batch: th.Tensor | None = None) -> list[dict]:  # fmt: skip
     """μ = num_iterations passes over the rollout, each K = steps_per_rollout optimizer steps (`update`) on
     consecutive mini-batches of its rows (whole groups when G divides B/K), against old and reference log-probs
     computed once before the first (real old log-probs when K · μ > 1; with K = μ = 1, π_old is the detached policy).
-    Each mini-batch's loss is normalised by its own token and sequence counts. Returns the last pass's statistics,
-    one dict per mini-batch."""
+    Each mini-batch's loss is normalised by its own token and sequence counts (`update`'s in_batch). Returns the last
+    pass's statistics, one dict per mini-batch."""
     model.train()
     K = cfg.steps_per_rollout
     splits = th.arange(r.completion_ids.shape[0]).tensor_split(K) if K > 1 else [None]
-    minis = [take_rows(r, rows, advantages, loss_mask, classes) for rows in splits]
+    minis = [take_rows(r, rows, advantages, loss_mask, classes, in_batch) for rows in splits]
     runs = []  # per mini-batch: its micro-batches (the same for every pass), old and reference log-probs
-    for part, _, mask, _ in minis:
+    for part, _, mask, _, _ in minis:
         batches = micro_batches(part, mask, cfg.micro_batch_size, cfg.micro_batch_tokens)
         logprobs = partial(batched_logprobs, r=part, adjust=adjust, batches=batches, chunk=cfg.logprob_chunk,
                            autocast=autocast)  # fmt: skip
@@ -481,8 +482,8 @@ def policy_updates(cfg: Config, model, ref_model, optimizer, r: Rollout, advanta
                      logprobs(ref_model) if ref_model is not None else None))  # fmt: skip
     for _ in range(cfg.num_iterations):
         stats = [update(model, optimizer, part, adv, adjust, loss_mask=mask, old_logp=old, ref_logp=ref,
-                        autocast=autocast, classes=cls, batches=batches, **update_options(cfg))
-                 for (part, adv, mask, cls), (batches, old, ref) in zip(minis, runs, strict=True)]  # fmt: skip
+                        autocast=autocast, classes=cls, batches=batches, in_batch=rows, **update_options(cfg))
+                 for (part, adv, mask, cls, rows), (batches, old, ref) in zip(minis, runs, strict=True)]  # fmt: skip
     return stats
 
 
@@ -592,8 +593,7 @@ def train(cfg: Config, score_fn=None) -> Path:
         batches = partial(data.prompt_batch, examples, step, cfg.prompts_per_step, seed=cfg.seed, rank=rank,
                           world_size=world_size)  # round_=k: dynamic sampling's further batches  # fmt: skip
         out = grpo_step(cfg, model, sampler, head, ref_model, optimizer, tokenizer, adjust, batches(), step, score,
-                        autocast,
-                        more_prompts=batches, cache=kv_cache)  # fmt: skip
+                        autocast, more_prompts=batches, cache=kv_cache)  # fmt: skip
         if out is None:  # preempted during the rollout
             break
         lr = scheduler.get_last_lr()[0]

@@ -554,13 +554,58 @@ def test_drop_truncated_rows_are_left_out_of_the_loss():
     assert (masked - alone).abs().max() < 1e-6
 
 
-def weights_after_update(r, rows, loss_mask, advantages, adjust, cfg) -> th.Tensor:
+@pytest.mark.parametrize("loss_type", ["sequence", "dr_grpo"])
+def test_a_dropped_truncation_stays_in_the_sequence_normaliser(loss_type):
+    """As TRL's mask_truncated_completions: a dropped row adds no loss but still counts in N_seq (Dr.GRPO's normaliser
+    is a constant), so the step is B_kept / B of training on the kept rows alone (SGD, no clipping)."""
+    adjust = plain_adjust(32, temperature=1.5)
+    r = _rollout(tiny_model(32), adjust)
+    adv = th.linspace(-1, 1, 8)
+    keep = th.tensor([1, 0, 1, 1, 0, 1, 1, 0], dtype=th.bool)
+    cfg = tiny_cfg(max_new_tokens=9, loss_type=loss_type)
+    w0 = th.cat([p.detach().flatten() for p in tiny_model(32).parameters()])
+    masked = weights_after_update(r, slice(None), r.completion_mask * keep[:, None], adv, adjust, cfg,
+                                  in_batch=th.ones(8, dtype=th.bool))  # fmt: skip
+    alone = weights_after_update(r, keep, r.completion_mask[keep], adv, adjust, cfg)
+    assert (alone - w0).abs().max() > 1e-4  # a real step
+    assert th.allclose(masked - w0, (alone - w0) * 5 / 8, atol=1e-7)
+
+
+def test_the_step_counts_dropped_truncations_and_not_skipped_groups(tmp_path, tiny_model_dir, monkeypatch):
+    """grpo_step's masks: --drop-truncated zeroes a truncated row's loss and keeps it in N_seq (in_batch);
+    --skip-uniform-groups takes a uniform group out of both."""
+    seen = []
+
+    def recording(cfg, model, ref_model, optimizer, r, advantages, loss_mask, classes, adjust, autocast, in_batch):
+        seen.append((r.truncated.clone(), loss_mask.any(-1), in_batch, advantages))
+        return real(cfg, model, ref_model, optimizer, r, advantages, loss_mask, classes, adjust, autocast, in_batch)
+
+    real = grpo.policy_updates
+    monkeypatch.setattr(grpo, "policy_updates", recording)
+
+    def first_group_uniform(completions, answers):
+        hits = [float(i >= 3 and "e" in c) for i, c in enumerate(completions)]
+        return hits, hits
+
+    cfg = run_cfg(tiny_model_dir, tmp_path / "t", steps=2, save_every=0, max_new_tokens=4, drop_truncated=True,
+                  skip_uniform_groups=True, temperature=1.0)  # fmt: skip
+    grpo.train(cfg, first_group_uniform)
+    assert len(seen) == 2
+    for truncated, has_loss, in_batch, advantages in seen:
+        uniform = th.tensor([True] * 3 + [bool(advantages[3:].eq(0).all())] * 3)
+        assert truncated.any()  # 4 new tokens: most completions are cut
+        assert th.equal(in_batch, ~uniform)
+        assert th.equal(has_loss, ~uniform & ~truncated)
+    assert any((in_batch & truncated).any() for truncated, _, in_batch, _ in seen)  # a dropped row counted in N_seq
+
+
+def weights_after_update(r, rows, loss_mask, advantages, adjust, cfg, in_batch=None) -> th.Tensor:
     """A fresh tiny model's flat weights after one SGD update on the rollout's `rows` with `loss_mask`."""
     sub = replace(r, **{f: getattr(r, f)[rows] for f in ("prompt_ids", "prompt_mask", "completion_ids",
                                                             "completion_mask", "truncated", "logp", "entropy")})  # fmt: skip
     m = tiny_model(32)
     grpo.update(m, th.optim.SGD(m.parameters(), lr=0.1), sub, advantages[rows], adjust, loss_mask=loss_mask,
-                old_logp=None, ref_logp=None, **grpo.update_options(cfg))  # fmt: skip
+                old_logp=None, ref_logp=None, in_batch=in_batch, **grpo.update_options(cfg))  # fmt: skip
     return th.cat([p.detach().flatten() for p in m.parameters()])
 
 
