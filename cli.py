@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 TRL_NAMES = {"num_generations": "group_size", "max_completion_length": "max_new_tokens", "epsilon": "eps_low",
              "epsilon_high": "eps_high", "scale_rewards": "adv_scale", "mask_truncated_completions": "drop_truncated",
              "importance_sampling_level": "ratio_level", "learning_rate": "lr", "max_steps": "steps",
-             "reward_funcs": "reward"}  # fmt: skip
+             "reward_funcs": "reward", "use_bias_correction_kl": "kl_ratio_weight"}  # fmt: skip
 TRL_VALUES = {"loss_type": {"dapo": "token", "grpo": "sequence"}, "adv_scale": {"true": "group", "false": "none"}}
 # TRL names refused because ours differ in meaning, with what to give instead
 TRL_OTHER_MEANING = {

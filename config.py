@@ -127,6 +127,9 @@ class Config:
     # Objective
     beta: float = 0.0
     """KL penalty weight; 0 loads no reference model."""
+    kl_ratio_weight: bool = False
+    """Weigh each token's KL term by its importance ratio ρ (TRL's use_bias_correction_kl, its default): the
+    gradient of the reverse KL(π_θ‖π_ref), not of the forward one (GRPO's); see policy_loss. Only with --beta > 0."""
     eps_low: float = 0.2
     """Lower clip range: ρ ≥ 1 − eps_low."""
     eps_high: float = 0.28
@@ -303,8 +306,9 @@ PRESETS["demo-reasoning"] = dataclasses.replace(
 PRESETS["trl-defaults"] = dataclasses.replace(
     PRESETS["none"], preset="trl-defaults", temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_new_tokens=512,
     eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="token", adv_scale="group", num_iterations=1, steps_per_rollout=1,
-    ratio_level="token", drop_truncated=False, sampler_correction="none", lr=1e-6, lr_schedule="linear",
-    warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing="on", output_dir="runs/trl-defaults",
+    ratio_level="token", drop_truncated=False, sampler_correction="none", kl_ratio_weight=True, lr=1e-6,
+    lr_schedule="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing="on",
+    output_dir="runs/trl-defaults",
 )  # fmt: skip
 
 

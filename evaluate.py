@@ -43,7 +43,7 @@ import reward
 import scoring
 import vocab as rvocab
 from checkpoints import load_model_and_tokenizer
-from distributed import preempted, setup_distributed, teardown_distributed, world
+from distributed import any_rank, preempted, setup_distributed, teardown_distributed, world
 from logs import write_json, write_jsonl
 from policy import LogitAdjust, model_adjust
 from rollout import reward_samples, rollout, sample_seed, sampling_copy
@@ -186,6 +186,17 @@ def score_records(model, tokenizer, mine: list[data.Example], adjust: LogitAdjus
             rec.update(think_tokens=think_tokens[at], reasoning_tokens=reasoning_tokens[at])
         records.append(rec)
     return records
+
+
+def due_at_start(cfg, output_dir: Path, step: int, fresh: bool) -> bool:
+    """Whether a training run (grpo.Config) starts at a step to evaluate first: step 0 of a `fresh` run, or,
+    resuming, an evaluation step that a stop request interrupted (its record is missing; rank 0's files decide, for
+    every rank)."""
+    if step % cfg.eval_every and step != cfg.steps:
+        return False
+    if fresh:
+        return step == 0
+    return any_rank(world()[0] == 0 and not (output_dir / "eval" / f"step_{step:06d}.jsonl").exists())
 
 
 def during_training(model, tokenizer, examples: list[data.Example], adjust: LogitAdjust, at_step: int, *,

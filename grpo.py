@@ -63,7 +63,6 @@ from distributed import (
     all_reduce_grads,
     all_reduce_max,
     all_reduce_sum,
-    any_rank,
     catch_preemption,
     preempted,
     setup_distributed,
@@ -135,6 +134,7 @@ def policy_loss(
     eps_high: float,
     beta: float,
     loss_type: str,
+    kl_ratio_weight: bool = False,
     num_tokens: float | None = None,
     num_sequences: float | None = None,
     max_len: int | None = None,
@@ -149,6 +149,8 @@ def policy_loss(
         ρ_t  = exp(log π_θ(o_t) − log π_old(o_t))
         ℓ_t  = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A) + β · KL_t
         KL_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1          (k3 estimator, ≥ 0)
+    On tokens from π_θ, ∇KL_t is in expectation the gradient of the forward KL(π_ref‖π_θ) (GRPO's loss); with
+    kl_ratio_weight the term is β · ρ_t · KL_t, whose gradient is the reverse KL(π_θ‖π_ref)'s (TRL's default).
 
     ratio_level "sequence" (GSPO, Zheng et al. 2025) replaces ρ_t by one ratio per completion i, the geometric mean
     of its token ratios, so clipping keeps or drops a whole completion:
@@ -191,7 +193,7 @@ def policy_loss(
             raise ValueError("beta ≠ 0 needs ref_logp")
         d = ref_logp - logp
         kl = d.exp() - d - 1
-        per_token = per_token + beta * kl
+        per_token = per_token + beta * (kl * ratio if kl_ratio_weight else kl)
 
     if loss_type == "token":
         loss = (per_token * mask).sum() / (num_tokens if num_tokens is not None else mask.sum().clamp(min=1))
@@ -328,6 +330,7 @@ def update(
     beta: float,
     loss_type: str,
     max_len: int,
+    kl_ratio_weight: bool = False,
     micro_batch_size: int,
     micro_batch_tokens: int = 0,
     batches: list | None = None,
@@ -343,9 +346,9 @@ def update(
     """One optimizer step (none when the gradient is non-finite or exactly 0): gradients accumulated over micro-batches
     (and summed over ranks), with the loss normalised by the token and sequence counts of the whole step on all ranks
     (N_seq counts the rows in_batch (B,), by default those with a loss token), so the update equals one process's on
-    the global batch. eps_low, eps_high, beta, loss_type, max_len and ratio_level are `policy_loss`'s; the sampler
-    correction weighs by the rollout's own log-probs (r.logp, the sampler's). With `classes` (B, T)
-    (policy.token_classes) the result has "by_class", policy_loss's sums over the whole step.
+    the global batch. eps_low, eps_high, beta, loss_type, kl_ratio_weight, max_len and ratio_level are
+    `policy_loss`'s; the sampler correction weighs by the rollout's own log-probs (r.logp, the sampler's). With
+    `classes` (B, T) (policy.token_classes) the result has "by_class", policy_loss's sums over the whole step.
 
     Micro-batches (`micro_batches`): packed rows of at most `micro_batch_tokens` tokens (packing.py), or with 0
     padded blocks of `micro_batch_size` sequences; `batches` passes ones already made (the same for μ > 1). Either
@@ -372,9 +375,10 @@ def update(
         old = old_logp[rows, :T] if old_logp is not None else logp.detach()
         ref = ref_logp[rows, :T] if ref_logp is not None else None
         loss, stats = policy_loss(logp, old, ref, advantages[rows], loss_mask[rows, :T], eps_low=eps_low,
-                                  eps_high=eps_high, beta=beta, loss_type=loss_type, num_tokens=num_tokens,
-                                  num_sequences=num_sequences, max_len=max_len, sampler_logp=r.logp[rows, :T],
-                                  correction=sampler_correction, cap=sampler_cap, ratio_level=ratio_level,
+                                  eps_high=eps_high, beta=beta, loss_type=loss_type, kl_ratio_weight=kl_ratio_weight,
+                                  num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len,
+                                  sampler_logp=r.logp[rows, :T], correction=sampler_correction, cap=sampler_cap,
+                                  ratio_level=ratio_level,
                                   classes=classes[rows, :T] if classes is not None else None)  # fmt: skip
         if not loss.requires_grad:  # no completion token in the micro-batch: a zero backward all the same (FSDP)
             loss = loss + 0 * logp.sum()
@@ -405,8 +409,8 @@ def update(
 
 def update_options(cfg: Config) -> dict:
     """The run's options that `update` takes (the loss's, micro-batching, clipping)."""
-    same = ("eps_low", "eps_high", "beta", "loss_type", "micro_batch_size", "micro_batch_tokens", "sampler_correction",
-            "sampler_cap", "ratio_level", "logprob_chunk", "max_grad_norm")  # fmt: skip
+    same = ("eps_low", "eps_high", "beta", "kl_ratio_weight", "loss_type", "micro_batch_size", "micro_batch_tokens",
+            "sampler_correction", "sampler_cap", "ratio_level", "logprob_chunk", "max_grad_norm")  # fmt: skip
     return {"max_len": cfg.max_new_tokens, **{name: getattr(cfg, name) for name in same}}
 
 
@@ -584,7 +588,7 @@ def train(cfg: Config, score_fn=None) -> Path:
                        head=head, scorer=score, overlong_buffer=cfg.overlong_buffer, output_dir=output_dir,
                        steps=cfg.steps, should_stop=stop_requested, cache=kv_cache)  # fmt: skip
     # The starting point, or an evaluation a stop interrupted, on a line of its own.
-    if eval_due(cfg, output_dir, step, eval_examples, fresh=resume_from is None):
+    if eval_examples is not None and evaluate.due_at_start(cfg, output_dir, step, fresh=resume_from is None):
         m = {"step": step, **run_eval(step)}
         if main_rank and len(m) > 1:
             log_step(output_dir, m, cfg.steps, run)
@@ -628,16 +632,6 @@ def train(cfg: Config, score_fn=None) -> Path:
         run.finish()
     teardown_distributed()
     return output_dir
-
-
-def eval_due(cfg: Config, output_dir: Path, step: int, eval_examples, fresh: bool) -> bool:
-    """Whether the run starts at a step to evaluate first: step 0 of a `fresh` run, or, resuming, an evaluation step
-    that a stop request interrupted (its record is missing; rank 0's files decide, for every rank)."""
-    if eval_examples is None or (step % cfg.eval_every and step != cfg.steps):
-        return False
-    if fresh:
-        return step == 0
-    return any_rank(world()[0] == 0 and not (output_dir / "eval" / f"step_{step:06d}.jsonl").exists())
 
 
 def load_policy(cfg: Config, resume_from: Path | None, device: th.device):

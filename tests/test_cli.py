@@ -42,6 +42,7 @@ def test_trl_names_equal_ours():
         (["--mask-truncated-completions"], {"drop_truncated": True}),
         (["--mask_truncated_completions", "true"], {"drop_truncated": True}),
         (["--importance-sampling-level", "sequence"], {"ratio_level": "sequence"}),
+        (["--use_bias_correction_kl", "True"], {"kl_ratio_weight": True}),
         (["--learning_rate", "3e-6", "--max_steps", "7"], {"lr": 3e-6, "steps": 7}),
         # TRL's max_steps counts optimizer steps: 12 of them, 2 × 3 per rollout, are 2 rollouts
         (["--max-steps", "12", "--steps-per-rollout", "2", "--num-iterations", "3"], {"steps": 2}),
@@ -93,7 +94,8 @@ def test_trl_defaults_preset_has_trls_values_and_the_table_says_each_difference(
     trl = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "max_new_tokens": 512, "eps_low": 0.2,
            "eps_high": 0.2, "beta": 0.0, "loss_type": "token", "adv_scale": "group", "num_iterations": 1,
            "steps_per_rollout": 1, "lr": 1e-6, "lr_schedule": "linear", "warmup_steps": 0, "weight_decay": 0.0,
-           "max_grad_norm": 1.0, "drop_truncated": False, "ratio_level": "token"}  # TRL 1.16.0  # fmt: skip
+           "max_grad_norm": 1.0, "drop_truncated": False, "ratio_level": "token",
+           "kl_ratio_weight": True}  # TRL 1.16.0  # fmt: skip
     assert {name: getattr(cfg, name) for name in trl} == trl
     assert cli.parse_args([*BASE, "--lr", "2e-6", "--preset", "trl-defaults"]).lr == 2e-6  # anywhere; flags win
     table = (ROOT / "docs" / "trl.md").read_text()

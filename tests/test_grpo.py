@@ -154,6 +154,26 @@ def test_policy_loss_kl_k3_estimator():
         policy_loss(logp, logp, None, th.zeros(1), mask, eps_low=0.2, eps_high=0.2, beta=0.1, loss_type="token")
 
 
+@pytest.mark.parametrize("kl_ratio_weight", [False, True])
+def test_the_kl_terms_gradient_is_the_forward_or_the_reverse_kl(kl_ratio_weight):
+    """Exactly, in expectation over tokens drawn from π_θ (on-policy, ρ = 1 in value): ∇ of β·KL_t is the gradient of
+    KL(π_ref‖π_θ); of β·ρ_t·KL_t (TRL's use_bias_correction_kl), the gradient of KL(π_θ‖π_ref)."""
+    z = th.tensor([0.3, -1.0, 2.0, 0.5], dtype=th.float64, requires_grad=True)  # π_θ's logits over 4 tokens
+    ref = th.log_softmax(th.tensor([1.0, 0.0, -0.5, 0.2], dtype=th.float64), -1)
+    logp = th.log_softmax(z, -1)
+    expected = sum(
+        logp[x].exp().detach()
+        * th.autograd.grad(policy_loss(logp[x].view(1, 1), logp[x].detach().view(1, 1), ref[x].view(1, 1),
+                                       th.zeros(1), th.ones(1, 1), eps_low=0.2, eps_high=0.2, beta=1.0,
+                                       loss_type="token", kl_ratio_weight=kl_ratio_weight)[0], z, retain_graph=True)[0]
+        for x in range(4)
+    )  # fmt: skip
+    p, q = (ref, logp) if not kl_ratio_weight else (logp, ref)  # KL(p‖q)
+    true = th.autograd.grad((p.exp() * (p - q)).sum(), z)[0]
+    assert true.abs().max() > 0.05
+    assert th.allclose(expected, true, atol=1e-12)
+
+
 def test_policy_loss_rejects_unknown_type():
     logp, old, adv, mask = _loss_case()
     with pytest.raises(ValueError, match="loss_type"):
