@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -123,7 +124,8 @@ def merged_repeats(argv: list[str], options: tuple[str, ...]) -> list[str]:
 
 def cli_of(cls, argv: list[str], default):
     """tyro.cli(cls) over argv with `default`, each option's help its docstring reflowed: tyro keeps a docstring's
-    line breaks, which its own wrapping then cuts mid-sentence; an empty default shows as 'none'."""
+    line breaks, which its own wrapping then cuts mid-sentence; an empty default shows as 'none', and a docstring's own
+    "(default: …)" (evaluate.py's "the checkpoint's") becomes the one default shown, tyro's as its fallback."""
     import ast
     import inspect
     import typing
@@ -137,13 +139,14 @@ def cli_of(cls, argv: list[str], default):
     hints = typing.get_type_hints(cls)
     fields = []
     for f in dataclasses.fields(cls):
-        hint = "(default: none)" if getattr(default, f.name, f.default) == () else None
+        doc, value = docs.get(f.name), getattr(default, f.name, f.default)
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        shown = "none" if value in ((), None) else f"'{shown}'" if " " in shown else shown
+        hint = "(default: none)" if value == () else None
+        if doc and (own := re.search(r" ?\(default: ([^)]*)\)", doc)):  # evaluate.py's "the checkpoint's": one hint
+            doc, hint = doc[: own.start()] + doc[own.end() :], f"(default: {own[1]}; otherwise {shown})"
         fields.append(
-            (
-                f.name,
-                typing.Annotated[hints[f.name], tyro.conf.arg(help=docs.get(f.name), help_behavior_hint=hint)],
-                copy.copy(f),
-            )
+            (f.name, typing.Annotated[hints[f.name], tyro.conf.arg(help=doc, help_behavior_hint=hint)], copy.copy(f))
         )
     helped = dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,))
     helped.__doc__ = " ".join(inspect.cleandoc(cls.__doc__).split())

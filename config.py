@@ -56,7 +56,8 @@ class Config:
     """GRPO trainer options. Defaults are the real experiment: Qwen3-0.6B on DeepScaleR, seed 0. TRL's names are
     accepted too (docs/trl.md): --num-generations, --max-completion-length, --loss-type dapo|grpo|dr_grpo, --epsilon,
     --epsilon-high, --scale-rewards, --mask-truncated-completions, --importance-sampling-level, --learning-rate,
-    --max-steps (optimizer steps, as TRL's), --reward-funcs, and any option with underscores (--group_size)."""
+    --max-steps (optimizer steps, as TRL's), --reward-funcs, --use-bias-correction-kl, and any option with
+    underscores (--group_size)."""
 
     preset: Literal["none", "demo", "demo-reasoning", "trl-defaults"] = "none"
     """Start from a named preset; options given beside it override its values. 'demo' is a small offline run on CPU,
@@ -111,7 +112,7 @@ class Config:
     """Sample from the smallest set of most likely tokens whose probability reaches p (after top-k); 1 = all (Qwen3's
     thinking mode: 0.95)."""
     min_p: float = 0.0
-    """Sample only tokens at least min_p times as likely as the most likely one (after top-p); 0 = all. The loss
+    """Sample only tokens at least --min-p times as likely as the most likely one (after top-p); 0 = all. The loss
     scores the full distribution; the sampler correction weighs each sampled token by its kept set's mass (policy.py
     says why)."""
     max_new_tokens: int = 8192
@@ -129,13 +130,13 @@ class Config:
     """KL penalty weight; 0 loads no reference model."""
     kl_ratio_weight: bool = False
     """Weigh each token's KL term by its importance ratio ρ (TRL's use_bias_correction_kl, its default): the
-    gradient of the reverse KL(π_θ‖π_ref), not of the forward one (GRPO's); see policy_loss. Only with --beta > 0."""
+    gradient of the reverse KL(π_θ‖π_ref), not of the forward one (GRPO's); see grpo.policy_loss. Only with --beta > 0."""
     eps_low: float = 0.2
-    """Lower clip range: ρ ≥ 1 − eps_low."""
+    """Lower clip range ε_low: ρ ≥ 1 − ε_low."""
     eps_high: float = 0.28
-    """Upper clip range (DAPO clip-higher): ρ ≤ 1 + eps_high."""
+    """Upper clip range ε_high (DAPO clip-higher): ρ ≤ 1 + ε_high."""
     loss_type: Literal["token", "sequence", "dr_grpo"] = "token"
-    """Token aggregation: token-mean (DAPO), per-sequence mean (GRPO), or Σ / (B · max_new_tokens) (Dr.GRPO)."""
+    """Token aggregation: token-mean (DAPO), per-sequence mean (GRPO), or Σ / (B · --max-new-tokens) (Dr.GRPO)."""
     adv_scale: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the group's reward std, the batch's, or not at all (Dr.GRPO)."""
     num_iterations: int = 1
@@ -146,11 +147,11 @@ class Config:
     when K · μ > 1."""
     sampler_correction: Literal["tis", "sequence_mask", "none"] = "tis"
     """Correct for the sampler's distribution differing from the trainer's (bf16 sampling): token-level truncated
-    importance sampling, a sequence-level mask, or none (see policy_loss)."""
+    importance sampling, a sequence-level mask, or none (see grpo.policy_loss)."""
     sampler_cap: float = 2.0
     """C of the sampler correction: the TIS weight's cap, or the mask's bounds [1/C, C]."""
     drop_truncated: bool = False
-    """Exclude completions that hit max_new_tokens from the loss (they still count in the number of sequences that
+    """Exclude completions that hit --max-new-tokens from the loss (they still count in the number of sequences that
     --loss-type sequence and dr_grpo divide by, as in TRL)."""
     overlong_buffer: int = 0
     """Soft overlong punishment (DAPO): a reward penalty rising linearly to --overlong-penalty over the last N tokens
@@ -180,8 +181,8 @@ class Config:
     """Weight of the format reward added to the --reward list (the same as listing 'format' with this weight)."""
 
     # Optimisation
-    lr: float = 1e-6
-    """Peak learning rate (AdamW)."""
+    lr: float = 3e-6
+    """Peak learning rate (AdamW); 3e-6 is the real experiment's (TRL's default is 1e-6)."""
     warmup_steps: int = 10
     """Linear warmup, in rollouts (as --steps; the rate changes between rollouts, not within one's K · μ steps)."""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -215,7 +216,7 @@ class Config:
     keep_last: int = 3
     """Checkpoints kept besides step 0 and the final one."""
     resume: str = "auto"
-    """'auto' (latest complete checkpoint in output_dir), 'off', or a checkpoint path."""
+    """'auto' (latest complete checkpoint in --output-dir), 'off', or a checkpoint path."""
     wandb: Literal["disabled", "online", "offline"] = "disabled"
     """Weights & Biases logging mode."""
     wandb_project: str = "reasoning-grpo"
@@ -246,17 +247,17 @@ class Config:
     # Held-out evaluation during training (evaluate.py): the same sampler, policy and reward as the rollouts
     eval_every: int = 0
     """Evaluate every N steps, at step 0 and at the end (a resumed run first re-runs an evaluation a stop interrupted);
-    0 = off. Needs eval_dataset."""
+    0 = off. Needs --eval-dataset."""
     eval_dataset: str | None = None
     """Hub id or local .json/.jsonl/.parquet file (fields auto-detected; prompts built like the training ones)."""
     eval_split: str | None = None
-    """Split of eval_dataset; default 'test' for hub ids and the whole file for local files."""
+    """Split of --eval-dataset; default 'test' for hub ids and the whole file for local files."""
     eval_samples: int = 4
     """Completions per evaluation problem (k): eval_accuracy is pass@1, their mean; eval_pass@k is logged too."""
     eval_max_problems: int | None = None
     """Evaluate a fixed seeded subset of this many problems (the same at every evaluation)."""
     eval_max_new_tokens: int | None = None
-    """Completion length limit for evaluation; None = max_new_tokens."""
+    """Completion length limit for evaluation; None = --max-new-tokens."""
 
 
 PRESETS = {
@@ -336,7 +337,7 @@ class EvalConfig:
     max_problems: int | None = None
     """Evaluate a seeded random subset of this many problems per dataset."""
     system_prompt: str | None = None
-    """Optional system message (default: the checkpoint's, see above)."""
+    """Optional system message (default: the checkpoint's)."""
     instruction: str = DEFAULT_INSTRUCTION
     """Appended to each problem (default: the checkpoint's)."""
     few_shot: tuple[str, ...] = ()
@@ -357,7 +358,7 @@ class EvalConfig:
     top_p: float = 1.0
     """Nucleus sampling, after top-k; 1 = off (default: the checkpoint's)."""
     min_p: float = 0.0
-    """Keep tokens at least min_p times as likely as the most likely one, after top-p; 0 = off (default: the
+    """Keep tokens at least --min-p times as likely as the most likely one, after top-p; 0 = off (default: the
     checkpoint's)."""
     max_new_tokens: int = 8192
     """Completion length limit; longer completions are truncated, counted in truncation_rate (default: the
@@ -365,7 +366,7 @@ class EvalConfig:
     batch_size: int = 64
     """Sequences decoding at once (the engine's slots; memory); results do not depend on it."""
     seed: int = 0
-    """Seed of the samples and of the max_problems subset."""
+    """Seed of the samples and of the --max-problems subset."""
     reward: tuple[str, ...] = ("accuracy",)
     """Reward functions scored beside pass@k, as grpo.py's --reward (default: the checkpoint's)."""
     reward_weights: tuple[float, ...] = ()

@@ -134,3 +134,6 @@ def test_help_reads_as_prose(script, cls):
         at = next(i for i, line in enumerate(lines) if line.startswith(flag))
         help_line = lines[at] if "(default" in lines[at] or "(required)" in lines[at] else lines[at + 1]
         assert "(default" in help_line or "(required)" in help_line, (flag, lines[at : at + 3])
+        assert help_line.count("(default") <= 1, help_line  # one default, not evaluate.py's and tyro's
+        options = {g.name for g in fields(getattr(cli, cls)) if "_" in g.name}  # named as flags, not as fields
+        assert not [n for n in options if re.search(rf"(?<![-\w.]){n}(?!\w)", help_line)], help_line

@@ -126,6 +126,21 @@ def test_greedy_repeats_one_completion(tmp_path, tiny_model_dir, monkeypatch):
     assert read_jsonl(tmp_path / "seed1" / "probs.jsonl") == records  # no noise: the seed changes nothing
 
 
+@pytest.mark.parametrize("knob", [["--top-k", "1"], ["--top-p", "1e-6"], ["--min-p", "0.999"]])
+def test_sampling_knobs_that_keep_only_the_likeliest_token_decode_greedily(tmp_path, tiny_model_dir, knob):
+    """evaluate.py samples from the truncated distribution its options set: kept sets of one token (the argmax: top-k 1,
+    a top-p mass below the first token's, a min-p ratio no second token reaches) give the greedy completions."""
+    data_file = write_problems(tmp_path / "probs.jsonl", n=3)
+    evaluate.main(cli(tiny_model_dir, data_file, tmp_path / "greedy", "--greedy"))
+    evaluate.main(cli(tiny_model_dir, data_file, tmp_path / "knob", *knob))
+    greedy, sampled = (read_jsonl(tmp_path / run / "probs.jsonl") for run in ("greedy", "knob"))
+    assert [r["completions"] for r in sampled] == [r["completions"] for r in greedy]
+    evaluate.main(cli(tiny_model_dir, data_file, tmp_path / "full"))  # without the knob: samples differ
+    assert [r["completions"] for r in read_jsonl(tmp_path / "full" / "probs.jsonl")] != [
+        r["completions"] for r in greedy
+    ]
+
+
 def test_results_do_not_depend_on_batch_size_and_training_mode_is_restored(tmp_path, tiny_model_dir):
     model, tokenizer = checkpoints.load_model_and_tokenizer(str(tiny_model_dir), th.device("cpu"))
     adjust = policy.model_adjust(model, tokenizer, None, 1.0)
