@@ -23,12 +23,13 @@ from tests.test_ddp import assert_same_training
 ROOT = Path(__file__).resolve().parents[1]
 
 # The trainer with a toy reward (the letter "e"); every copy of the sampling weights is checked against the gathered
-# master, and STOP_AFTER=n sends rank 0 a preemption signal once step n is logged.
+# master (and a bf16 copy with an fp32 head, as on GPU, against it rounded), and STOP_AFTER=n sends rank 0 a preemption
+# signal once step n is logged.
 SCRIPT = """
-import json, os, signal, sys
+import copy, json, os, signal, sys
 from dataclasses import replace
 import torch as th
-import grpo, sharding
+import grpo, rollout, sharding
 
 def letter_e(completions, answers):
     hits = [float("e" in c) for c in completions]
@@ -39,7 +40,13 @@ copy_weights, log_step, copies = grpo.copy_weights, grpo.log_step, []
 def checked_copy(dst, src, head=None):
     copy_weights(dst, src, head)
     same = all(th.equal(p, sharding.full(q, p.dtype)) for p, q in zip(dst.parameters(), src.parameters()))
-    copies.append(same)
+    # The GPU's copy too: bf16 (cast before the gather) with an fp32 head beside it, refreshed from the same master.
+    half, half_head = rollout.sampling_copy(dst, th.bfloat16), copy.deepcopy(dst.get_output_embeddings())
+    with th.no_grad():
+        half_head.weight.zero_()
+    copy_weights(half, src, half_head)
+    same &= all(th.equal(h, p.to(th.bfloat16)) for h, p in zip(half.parameters(), dst.parameters()))
+    copies.append(same and th.equal(half_head.weight, dst.get_output_embeddings().weight))
 
 def log_and_stop(output_dir, m, *args):
     log_step(output_dir, m, *args)
@@ -83,16 +90,26 @@ def untied_model_dir(tmp_path, tiny_tokenizer):
 
 @pytest.mark.parametrize(
     "case, extra",
-    [("tied", dict(reasoning_vocab_size=-1, num_iterations=2, beta=0.05)), ("untied", {})],
-    ids=["reasoning-vocab-tied-mu2-kl", "plain-untied"],
+    [
+        ("tied", dict(reasoning_vocab_size=-1, num_iterations=2, beta=0.05)),
+        ("untied", {}),
+        ("untied", dict(reasoning_vocab_size=8, beta=0.05)),
+    ],
+    ids=["reasoning-vocab-tied-mu2-kl", "plain-untied", "reasoning-vocab-untied-kl"],  # tied and plain: test_slurm
 )
 def test_fsdp_two_ranks_train_like_one_process(tmp_path, tiny_model_dir, untied_model_dir, case, extra):
     model_dir = tiny_model_dir if case == "tied" else untied_model_dir
-    cfg = toy_config(model_dir, **extra)
+    cfg = toy_config(model_dir, sample_every=1, **extra)
     train(tmp_path, tmp_path / "one", cfg, ranks=1)
     log = train(tmp_path, tmp_path / "two", {**cfg, "shard": "fsdp"}, ranks=2)
     assert "2 rank(s)" in log and log.count("sampling copies equal to the gathered master: 2 of 2") == 2  # per rank
     assert_same_training(tmp_path / "one", tmp_path / "two", tolerance=1e-5)
+    # Its rollouts are one process's: rank 0's logged completions, word for word (rank 0 logs its share of prompts).
+    one, two = (
+        [json.loads(s) for s in (tmp_path / run / "samples.jsonl").read_text().splitlines()] for run in ("one", "two")
+    )
+    by_prompt = {(s["step"], s["problem"]): s["completion"] for s in one}
+    assert two and all(by_prompt[s["step"], s["problem"]] == s["completion"] for s in two)
 
     # The FSDP run's checkpoint is a plain transformers directory: it loads as one, with the same logits.
     one, two = (checkpoints.checkpoint_dirs(tmp_path / run)[-1] for run in ("one", "two"))

@@ -56,6 +56,18 @@ def test_plan_parts_hand_computed():
     assert "reference model (fp32)" in {n for n, _, _ in plan_for(200, beta=0.1).parts}
 
 
+def test_fsdp_plan_splits_the_master_gradients_adamw_and_reference_over_the_ranks():
+    cfg = replace(Config(), max_prompt_len=1000, max_new_tokens=9000, prompts_per_step=8, group_size=8, beta=0.1,
+                  shard="fsdp")  # fmt: skip
+    parts = {name: b for name, b, _ in memory.memory_plan(SHAPE, cfg, "cuda", memory_gib=200, world_size=4).parts}
+    assert parts["master weights (fp32)"] == parts["gradients"] == parts["reference model (fp32)"] == 1e9  # 4e9 / 4
+    assert parts["AdamW state"] == 2e9 and parts["sampling copy (bf16)"] == 2e9  # the sampling copy stays whole
+    root, layer = 100_000 * 1000, (10**9 - 100_000 * 1000) / 10  # tied embeddings; one of the 10 decoder layers
+    assert (
+        parts["gathered (fsdp)"] == 2 * 4 * root + 2 * layer * 2 + 4 * root
+    )  # root + its gradient, 2 bf16 layers, head
+
+
 def test_plan_turns_checkpointing_on_before_giving_up_slots():
     roomy, tight, tighter = plan_for(200), plan_for(32), plan_for(25)
     assert (roomy.slots, roomy.checkpointing) == (32, False)
@@ -105,6 +117,11 @@ def test_plan_cli_answers_for_qwen3_from_its_known_sizes():
     assert "a 80 GiB GPU" in out.stdout and "choices: --rollout-kv-gib" in out.stdout
     too_big = cli("--plan", "--model", "Qwen/Qwen3-4B", "--reasoning-vocab-size", "-1", "--plan-memory-gib", "80")
     assert too_big.returncode == 2 and too_big.stderr.startswith("error: --model")
+    fsdp = ("--plan-ranks", "4", "--shard", "fsdp", "--reasoning-vocab-size", "-1", "--plan-memory-gib", "80")
+    sharded = cli("--plan", "--model", "Qwen/Qwen3-4B", *fsdp)  # the README's table: 4B fits 4 × 80 GB sharded
+    assert sharded.returncode == 0 and "4 rank(s)" in sharded.stdout, sharded.stderr
+    eight = cli("--plan", "--model", "Qwen/Qwen3-8B", *fsdp)  # 8B with a reasoning vocabulary does not
+    assert eight.returncode == 2 and eight.stderr.startswith("error: --model") and "--shard fsdp" in eight.stderr
 
 
 def test_plan_cli_reads_a_gguf_header():

@@ -14,6 +14,7 @@ import pytest
 import torch as th
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+import checkpoints
 import vocab as rv
 from vocab import ALL_REGULAR, MARK_CLOSE, MARK_OPEN, ReasoningVocab, add_reasoning_vocab
 
@@ -259,6 +260,20 @@ def test_rows_copied_and_checkpoint_round_trip(tiny_tokenizer, tmp_path, tied):
     (ckpt / rv.MAP_FILE).unlink()
     assert rv.load(ckpt) == vocab  # the config alone carries the map
     assert rv.load(ckpt / "config.json") == vocab
+
+
+def test_a_tied_model_stays_tied_through_expansion_reload_and_copy_and_a_broken_tie_is_refused(
+    tiny_tokenizer, tmp_path
+):
+    _, model, _ = expanded(tiny_tokenizer, tied=True, source_ids=REPEATED)
+    model.save_pretrained(tmp_path / "ckpt")
+    tiny_tokenizer.save_pretrained(tmp_path / "ckpt")
+    reloaded = checkpoints.load_model_and_tokenizer(str(tmp_path / "ckpt"), th.device("cpu"))[0]  # checks it
+    for m in (model, reloaded, checkpoints.frozen_copy(reloaded)):
+        assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
+    reloaded.get_output_embeddings().weight = th.nn.Parameter(reloaded.get_input_embeddings().weight.clone())
+    with pytest.raises(RuntimeError, match="tie_word_embeddings is set but the output layer is a copy"):
+        checkpoints.check_tied(reloaded)
 
 
 def test_load_without_a_reasoning_vocabulary(tmp_path):
