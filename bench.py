@@ -462,6 +462,8 @@ def report(results: dict) -> str:
                 f"{r['no_refill_tok_s']:.0f}, HF {r['hf_tok_s']:.0f} tokens/s; refill can gain at most "
                 f"{r['refill_bound']:.2f}× here (static batches' row-steps ÷ real tokens) |"
             )
+    if lines[-1] == "|---|---|---|---|":  # no key of the table's was measured (e.g. --only fsdp)
+        del lines[-3:]
     sc = results.get("update_scaling")
     if sc:
         chunk = grpo.Config().logprob_chunk
