@@ -46,7 +46,7 @@ from checkpoints import load_model_and_tokenizer
 from distributed import any_rank, preempted, setup_distributed, teardown_distributed, world
 from logs import write_json, write_jsonl
 from policy import LogitAdjust, model_adjust
-from rollout import reward_samples, rollout, sample_seed, sampling_copy
+from rollout import reward_samples, rollout, sample_seed, sampling_copy, uses_bf16
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -264,7 +264,7 @@ def evaluate_datasets(cfg: EvalConfig) -> dict[str, dict]:
         raise UsageError(f"--datasets {' '.join(cfg.datasets)}: would share an output file name: {names}")
     device = setup_distributed(cfg.device)
     rank, world_size = world()
-    autocast = device.type == "cuda" and cfg.bf16
+    autocast = uses_bf16(device, cfg.bf16)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device)
     vocab = rvocab.load(cfg.model) if Path(cfg.model).is_dir() else rvocab.load(model)
     adjust = model_adjust(model, tokenizer, vocab, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)

@@ -84,6 +84,7 @@ from rollout import (
     sample_seed,
     sampling_policy,
     take_rows,
+    uses_bf16,
 )
 from sharding import forward_call, full, is_sharded, shard
 
@@ -528,7 +529,7 @@ def train(cfg: Config, score_fn=None) -> Path:
     device = setup_distributed(cfg.device, cfg.dist_timeout)
     rank, world_size = world()
     main_rank = rank == 0
-    autocast = device.type == "cuda" and cfg.bf16
+    autocast = uses_bf16(device, cfg.bf16)
     output_dir = Path(cfg.output_dir)
     if main_rank:
         output_dir.mkdir(parents=True, exist_ok=True)

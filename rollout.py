@@ -100,6 +100,12 @@ def sampling_copy(model, dtype: th.dtype = th.bfloat16):
     return sampler
 
 
+def uses_bf16(device: th.device, bf16: bool) -> bool:
+    """Whether --bf16 takes effect (a bf16 sampling copy; training under bf16 autocast): on GPU only, since most CPUs
+    run bf16 matmuls slower than fp32 ones (the demo and the tests run on CPU)."""
+    return bf16 and device.type == "cuda"
+
+
 def sampling_policy(model, autocast: bool, shard: str):
     """(sampler, head): the model rollouts decode with and its fp32 output layer, made before any sharding. DDP: on
     GPU a bf16 copy beside the master's own fp32 head, on CPU the model itself. FSDP (sharding.py): a whole copy on
