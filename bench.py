@@ -390,15 +390,16 @@ def bench_engine(jobs: int = 64, slots: int = 8, N: int = 160) -> dict:
 # Report
 
 
+TABLE_HEAD = ["", "| key | value | target | detail |", "|---|---|---|---|"]
+
+
 def report(results: dict) -> str:
     m = results["machine"]
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), torch {m['torch']}, "
         f"transformers {m['transformers']}, python {m['python']}; memory = peak RSS (ru_maxrss) of a fresh "
         "subprocess minus its RSS before the measured step",
-        "",
-        "| key | value | target | detail |",
-        "|---|---|---|---|",
+        *TABLE_HEAD,
     ]
     lp = results.get("logprob")
     if lp:
@@ -462,8 +463,8 @@ def report(results: dict) -> str:
                 f"{r['no_refill_tok_s']:.0f}, HF {r['hf_tok_s']:.0f} tokens/s; refill can gain at most "
                 f"{r['refill_bound']:.2f}× here (static batches' row-steps ÷ real tokens) |"
             )
-    if lines[-1] == "|---|---|---|---|":  # no key of the table's was measured (e.g. --only fsdp)
-        del lines[-3:]
+    if lines[-len(TABLE_HEAD) :] == TABLE_HEAD:  # no key of the table's was measured (e.g. --only fsdp)
+        del lines[-len(TABLE_HEAD) :]
     sc = results.get("update_scaling")
     if sc:
         chunk = grpo.Config().logprob_chunk

@@ -54,17 +54,7 @@ def load_model_and_tokenizer(path: str, device: th.device, option: str = "model"
         model.config.__dict__.pop("quantization_config", None)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return check_tied(model), tokenizer
-
-
-def check_tied(model):
-    """`model`, after checking that a config that ties the output layer to the embeddings holds one tensor for both
-    (loaded, copied or sharded: an untied pair would train two matrices and save one)."""
-    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
-    out = model.get_output_embeddings()
-    if tied and out is not None and out.weight is not model.get_input_embeddings().weight:
-        raise RuntimeError(f"{type(model).__name__}: tie_word_embeddings is set but the output layer is a copy")
-    return model
+    return rvocab.check_tied(model), tokenizer
 
 
 def decoder_checkpointing(model, on: bool) -> None:
@@ -78,7 +68,7 @@ def frozen_copy(model):
     """A frozen copy of `model` (the reference policy), with the same (possibly expanded) vocabulary."""
     ref = AutoModelForCausalLM.from_config(model.config).to(model.device)
     ref.load_state_dict(model.state_dict())
-    return check_tied(ref).requires_grad_(False).eval()
+    return rvocab.check_tied(ref).requires_grad_(False).eval()
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

@@ -52,7 +52,6 @@ import packing
 import scoring
 import vocab as rvocab
 from checkpoints import (
-    check_tied,
     decoder_checkpointing,
     find_resume,
     frozen_copy,
@@ -647,7 +646,7 @@ def load_policy(cfg: Config, resume_from: Path | None, device: th.device):
         rvocab.add_think_tags(model, tokenizer)
     if vocab is None and cfg.reasoning_vocab_size != 0:
         vocab = rvocab.add_reasoning_vocab(model, tokenizer, cfg.reasoning_vocab_size, offset=cfg.reasoning_offset)
-    return check_tied(model), tokenizer, vocab
+    return model, tokenizer, vocab
 
 
 def planned(cfg: Config, model, device: th.device) -> Config:

@@ -293,6 +293,23 @@ OPEN_THINK_TEMPLATE = (
 )
 
 
+def check_tied(model):
+    """`model`, after checking that a config that ties the output layer to the embeddings holds one tensor for both
+    (loaded, resized or copied: an untied pair would train two matrices and save one)."""
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    out = model.get_output_embeddings()
+    if tied and out is not None and out.weight is not model.get_input_embeddings().weight:
+        raise RuntimeError(f"{type(model).__name__}: tie_word_embeddings is set but the output layer is a copy")
+    return model
+
+
+def resize_rows(model, rows: int) -> None:
+    """Resize the embeddings (and the output layer) to `rows` rows in place, for the caller to fill the new ones; a
+    tied pair must stay one tensor (transformers re-ties it after a resize: checked, as its behaviour, not ours)."""
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    check_tied(model)
+
+
 def add_think_tags(model, tokenizer) -> bool:
     """Give a tokenizer without think tags (SmolLM2's) `<think>` and `</think>` as special tokens, so that a reasoning
     vocabulary can be gated. Each tag's new embedding row (and untied output row) copies its text's first piece's,
@@ -306,7 +323,7 @@ def add_think_tags(model, tokenizer) -> bool:
     tokenizer.add_tokens([THINK, END_THINK], special_tokens=True)
     ids = [tokenizer.convert_tokens_to_ids(tag) for tag in (THINK, END_THINK)]
     if max(ids) >= model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+        resize_rows(model, max(ids) + 1)
     layers = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}  # one when tied
     with th.no_grad():
         for weight in layers:
@@ -379,7 +396,7 @@ def add_reasoning_vocab(
     out = model.get_output_embeddings()
     if out is not None and out.weight.shape[0] != n_s:
         raise ValueError(f"output layer has {out.weight.shape[0]} rows but the input embedding {n_s}")
-    model.resize_token_embeddings(vocab.total_size, mean_resizing=False)
+    resize_rows(model, vocab.total_size)
     emb, out = model.get_input_embeddings(), model.get_output_embeddings()
     with th.no_grad():
         src = vocab.source_ids.to(emb.weight.device)

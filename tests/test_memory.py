@@ -63,9 +63,8 @@ def test_fsdp_plan_splits_the_master_gradients_adamw_and_reference_over_the_rank
     assert parts["master weights (fp32)"] == parts["gradients"] == parts["reference model (fp32)"] == 1e9  # 4e9 / 4
     assert parts["AdamW state"] == 2e9 and parts["sampling copy (bf16)"] == 2e9  # the sampling copy stays whole
     root, layer = 100_000 * 1000, (10**9 - 100_000 * 1000) / 10  # tied embeddings; one of the 10 decoder layers
-    assert (
-        parts["gathered (fsdp)"] == 2 * 4 * root + 2 * layer * 2 + 4 * root
-    )  # root + its gradient, 2 bf16 layers, head
+    # The fp32 root and its gradient, two bf16 layers in flight, and the sampling copy's fp32 head.
+    assert parts["gathered (fsdp)"] == 2 * 4 * root + 2 * layer * 2 + 4 * root
 
 
 def test_plan_turns_checkpointing_on_before_giving_up_slots():

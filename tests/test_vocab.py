@@ -273,7 +273,7 @@ def test_a_tied_model_stays_tied_through_expansion_reload_and_copy_and_a_broken_
         assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
     reloaded.get_output_embeddings().weight = th.nn.Parameter(reloaded.get_input_embeddings().weight.clone())
     with pytest.raises(RuntimeError, match="tie_word_embeddings is set but the output layer is a copy"):
-        checkpoints.check_tied(reloaded)
+        rv.check_tied(reloaded)
 
 
 def test_load_without_a_reasoning_vocabulary(tmp_path):
